@@ -1,0 +1,1 @@
+"""Pure torch guidance math. Nothing in this package imports ComfyUI."""

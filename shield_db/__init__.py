@@ -1,0 +1,1 @@
+"""On-disk shield databases: safetensors shards, JSON manifest, FAISS index, exact range search."""
