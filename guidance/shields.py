@@ -1,0 +1,185 @@
+"""Shield sources: where SPELL asks for the shields within a radius of a prediction.
+
+A *shield source* answers one question exactly: which shields lie within ``radius`` of any of these
+queries. SPELL's correction only needs those (every other term of eq. 5 is zero), so a source may be a
+tensor in memory (:class:`TensorShields`) or an index over a million shields on disk (``shield_db``),
+as long as it never misses one. Extra candidates are allowed: SPELL recomputes exact distances.
+
+Protocol (duck-typed)::
+
+    item_shape: tuple[int, ...]                     # shape of one shield, e.g. (4, 64, 64)
+    __len__() -> int
+    within(queries [B, *item_shape], radius) -> Tensor [M, *item_shape]   # float32, superset of hits
+    nearest(queries [B, *item_shape]) -> (distance [B] float32, index [B] int64)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Elements of one [B, chunk, D] difference block kept in memory at once (float32: 4 bytes each).
+DIFF_BLOCK_ELEMENTS = 16 * 1024 * 1024
+# Rows of the shield matrix handled per matmul screening step.
+SCREEN_CHUNK_ROWS = 4096
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """View a batch ``[B, ...]`` as ``[B, D]``."""
+    return x.reshape(x.shape[0], -1)
+
+
+def exact_sq_distances(queries: torch.Tensor, shields: torch.Tensor) -> torch.Tensor:
+    """``||q_b - z_k||^2`` by explicit differences in float32, chunked so no ``[B, K, D]`` tensor exists."""
+    q = flatten(queries).float()
+    z = flatten(shields).float()
+    b, d = q.shape
+    out = torch.empty(b, z.shape[0], dtype=torch.float32, device=q.device)
+    step = max(1, DIFF_BLOCK_ELEMENTS // max(1, b * d))
+    for start in range(0, z.shape[0], step):
+        block = z[start:start + step].to(q.device)
+        out[:, start:start + step] = (q[:, None, :] - block[None, :, :]).square().sum(-1)
+    return out
+
+
+def matmul_unit_roundoff(device: torch.device) -> float:
+    """Unit roundoff of a float32 matmul on ``device`` (TF32 keeps only 10 mantissa bits)."""
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0 ** -11
+    return torch.finfo(torch.float32).eps / 2
+
+
+def screening_tolerance(q_sq: torch.Tensor, z_sq: torch.Tensor, dim: int, unit_roundoff: float) -> torch.Tensor:
+    """Bound on the float error of ``||q||^2 + ||z||^2 - 2 q.z`` (Higham: ``|err(q.z)| <= gamma_D |q||z|``)."""
+    n_u = (dim + 4) * unit_roundoff
+    gamma = n_u / (1 - n_u) if n_u < 0.5 else 1.0
+    return 2 * gamma * (q_sq[:, None] + z_sq[None, :])
+
+
+class TensorShields:
+    """Shields held as one tensor; exact range search by float32 matmul screening + exact verification.
+
+    The expansion ``||a||^2 + ||b||^2 - 2ab`` is fast but loses precision for large norms, so it is only
+    used to *screen* with a rigorous rounding-error margin; every survivor is verified by explicit
+    differences. Nothing is missed, and no ``[B, K, D]`` tensor is built.
+    """
+
+    def __init__(self, shields: torch.Tensor):
+        if shields.dim() < 2:
+            raise ValueError(f"shields must be [K, ...] with at least one feature dim, got shape {tuple(shields.shape)}")
+        if not torch.isfinite(shields).all():
+            bad = (~torch.isfinite(flatten(shields))).any(-1).nonzero().flatten().tolist()
+            raise ValueError(f"shields contain NaN or Inf at indices {bad[:10]}{'...' if len(bad) > 10 else ''}")
+        self.shields = shields
+        self.item_shape = tuple(shields.shape[1:])
+        self._flat = flatten(shields).float()
+        self._sq_norms = self._flat.square().sum(-1)
+
+    def __len__(self) -> int:
+        return self.shields.shape[0]
+
+    def to(self, device: torch.device) -> "TensorShields":
+        return TensorShields(self.shields.to(device))
+
+    def _screened(self, queries: torch.Tensor, radius: float):
+        """Yield ``(start, candidate mask [B, chunk])`` for shields that may lie within ``radius``."""
+        q = flatten(queries).float().to(self._flat.device)
+        q_sq = q.square().sum(-1)
+        dim = q.shape[1]
+        u = matmul_unit_roundoff(q.device)
+        for start in range(0, len(self), SCREEN_CHUNK_ROWS):
+            z = self._flat[start:start + SCREEN_CHUNK_ROWS]
+            z_sq = self._sq_norms[start:start + SCREEN_CHUNK_ROWS]
+            approx = q_sq[:, None] + z_sq[None, :] - 2 * (q @ z.T)
+            yield start, approx <= radius * radius + screening_tolerance(q_sq, z_sq, dim, u)
+
+    def within_indices(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
+        """Sorted indices of every shield within ``radius`` (closed ball) of at least one query."""
+        hits = []
+        for start, mask in self._screened(queries, radius):
+            cand = mask.any(0).nonzero().flatten()
+            if cand.numel() == 0:
+                continue
+            idx = cand + start
+            exact = exact_sq_distances(queries, self._flat[idx])
+            hits.append(idx[(exact <= radius * radius).any(0)])
+        if not hits:
+            return torch.empty(0, dtype=torch.long, device=self._flat.device)
+        return torch.cat(hits)
+
+    def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
+        return self._flat[self.within_indices(queries, radius)].reshape(-1, *self.item_shape)
+
+    def nearest(self, queries: torch.Tensor):
+        """Exact nearest shield per query: ``(distance [B], index [B])``."""
+        q = flatten(queries).float().to(self._flat.device)
+        best = torch.full((q.shape[0],), math.inf, device=q.device)
+        best_idx = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        for start in range(0, len(self), SCREEN_CHUNK_ROWS):
+            d2 = exact_sq_distances(q, self._flat[start:start + SCREEN_CHUNK_ROWS])
+            val, idx = d2.min(1)
+            better = val < best
+            best = torch.where(better, val, best)
+            best_idx = torch.where(better, idx + start, best_idx)
+        return best.sqrt(), best_idx
+
+
+class AffineShields:
+    """A source seen through ``x -> scale * (x - shift)`` (scalar scale and shift).
+
+    ComfyUI diffuses in ``process_in(latent)`` space while shields are stored as plain latents; for the
+    image latent formats that map is ``(latent - shift) * scale``, which scales every distance by
+    ``|scale|``. Queries and radius are mapped into the stored space, answers mapped back.
+    """
+
+    def __init__(self, source, scale: float, shift: float = 0.0):
+        if scale == 0 or not math.isfinite(scale) or not math.isfinite(shift):
+            raise ValueError(f"AffineShields needs a finite non-zero scale and finite shift, got scale={scale}, shift={shift}")
+        self.source, self.scale, self.shift = source, float(scale), float(shift)
+        self.item_shape = source.item_shape
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _to_source(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self.shift
+
+    def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
+        found = self.source.within(self._to_source(queries), radius / abs(self.scale))
+        return (found.float() - self.shift) * self.scale
+
+    def nearest(self, queries: torch.Tensor):
+        dist, idx = self.source.nearest(self._to_source(queries))
+        return dist * abs(self.scale), idx
+
+
+class ConcatShields:
+    """Several sources searched as one (e.g. a protected set plus the run history)."""
+
+    def __init__(self, sources):
+        self.sources = [s for s in sources if s is not None and len(s) > 0]
+        if not self.sources:
+            raise ValueError("ConcatShields needs at least one non-empty source")
+        shapes = {tuple(s.item_shape) for s in self.sources}
+        if len(shapes) != 1:
+            raise ValueError(f"shield sources disagree on item shape: {sorted(shapes)}")
+        self.item_shape = self.sources[0].item_shape
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
+        return torch.cat([s.within(queries, radius).float().to(queries.device) for s in self.sources])
+
+    def nearest(self, queries: torch.Tensor):
+        offset, best, best_idx = 0, None, None
+        for s in self.sources:
+            dist, idx = s.nearest(queries)
+            dist, idx = dist.to(queries.device), idx.to(queries.device) + offset
+            if best is None:
+                best, best_idx = dist, idx
+            else:
+                better = dist < best
+                best, best_idx = torch.where(better, dist, best), torch.where(better, idx, best_idx)
+            offset += len(s)
+        return best, best_idx
