@@ -25,8 +25,8 @@ SCREEN_CHUNK_ROWS = 4096
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
-    """View a batch ``[B, ...]`` as ``[B, D]``."""
-    return x.reshape(x.shape[0], -1)
+    """View a batch ``[B, ...]`` as ``[B, D]`` (also for an empty batch)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def exact_sq_distances(queries: torch.Tensor, shields: torch.Tensor) -> torch.Tensor:

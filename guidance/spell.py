@@ -122,7 +122,8 @@ class _Shieldsets:
         """Every source shield within ``reach`` of some row of ``x`` (flat float32)."""
         if self.source is None or len(self.source) == 0:
             return x.new_zeros(0, x.shape[1])
-        return flatten(self.source.within(x, reach)).float().to(x.device)
+        found = self.source.within(x.reshape(x.shape[0], *self.source.item_shape), reach)
+        return found.reshape(found.shape[0], x.shape[1]).float().to(x.device)
 
 
 def correction(x: torch.Tensor, centres: torch.Tensor, intra_batch: bool, radius: float, ties: torch.Tensor):
@@ -134,9 +135,10 @@ def correction(x: torch.Tensor, centres: torch.Tensor, intra_batch: bool, radius
     return delta, hits, nearest, centroid
 
 
-def exact_round(x: torch.Tensor, sets: _Shieldsets, radius: float, ties: torch.Tensor) -> torch.Tensor:
+def exact_round(x: torch.Tensor, sets: _Shieldsets, radius: float, ties: torch.Tensor,
+                target: float | None = None) -> torch.Tensor:
     """One exact-mode round: move every sample still inside a shield out of all shields containing it."""
-    target = radius * (1 + EXACT_MARGIN)
+    target = radius * (1 + EXACT_MARGIN) if target is None else target
     centres = sets.centres_for(x, radius)
     delta, hits, _, centroid = correction(x, centres, sets.intra_batch, radius, ties)
     moved = x.clone()
@@ -199,10 +201,7 @@ def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_b
     final = _nearest_known(corrected, sets, radius, ties) if active.any() else nearest
     rounds = 1
     if exact:
-        while rounds < max_rounds and (final < radius).any():
-            corrected = exact_round(corrected, sets, radius, ties)
-            final = _nearest_known(corrected, sets, radius, ties)
-            rounds += 1
+        corrected, final, rounds = _exact_rounds(corrected, final, sets, radius, ties, max_rounds, x0_hat.dtype)
     return SpellResult(
         denoised=corrected.reshape(x0_hat.shape).to(x0_hat.dtype),
         delta=(corrected - x).reshape(x0_hat.shape),
@@ -213,6 +212,25 @@ def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_b
         inside=final < radius,
         rounds=rounds,
     )
+
+
+def _exact_rounds(x, final, sets, radius, ties, max_rounds, dtype):
+    """Rounds until nothing is inside, judged on the result as it will be returned (cast to ``dtype``).
+
+    Float rounding (of ``x + t u`` at large coordinates, or of the cast to fp16/bf16) can leave a point a
+    hair inside; the clearance margin then grows fourfold per round and by the measured cast error.
+    """
+    rounds, margin = 1, EXACT_MARGIN
+    while rounds < max_rounds:
+        returned = x.to(dtype).float()
+        final = _nearest_known(returned, sets, radius, ties)
+        if not (final < radius).any():
+            return returned, final, rounds
+        slack = (returned - x).norm(dim=1).max().item()
+        x = exact_round(returned, sets, radius, ties, radius * (1 + margin) + 2 * slack)
+        margin *= 4
+        rounds += 1
+    return x, _nearest_known(x.to(dtype).float(), sets, radius, ties), rounds
 
 
 def _nearest_known(x, sets, radius, ties) -> torch.Tensor:
