@@ -5,6 +5,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 
+# Relative float tolerance when telling "on the sphere" (the paper's guarantee) from "inside".
+INSIDE_RTOL = 1e-4
+
+
 @dataclass
 class StepRecord:
     """One model evaluation (a sampler step, or a sub-step of a multi-evaluation sampler)."""
@@ -45,7 +49,7 @@ class SpellReport:
 
     def summary(self) -> str:
         corrected_steps = sum(1 for s in self.steps if s.corrected)
-        inside = sum(1 for o in self.outputs if o.distance < self.radius)
+        inside = sum(1 for o in self.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
         repelled = sum(1 for o in self.outputs if o.repelled)
         nearest = min((o.distance for o in self.outputs), default=math.inf)
         return (f"SPELL: r={self.radius_rms:.4g} rms ({self.radius:.4g} L2), {len(self.steps)} evals, "

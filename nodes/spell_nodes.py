@@ -8,6 +8,7 @@ import nodes as comfy_nodes
 
 from . import spell_history
 from .shield_set import SHIELD_SET, ShieldSet
+from ..guidance.report import INSIDE_RTOL
 from .spell_hook import SpellPatch, SpellSettings
 
 LOG = logging.getLogger("shielded_sampling")
@@ -69,6 +70,21 @@ def make_patch(node: str, radius, overcompensation, intra_batch, history, histor
     return SpellPatch(settings)
 
 
+def activity_summary(report) -> dict:
+    """Small JSON for the front end: per model evaluation, corrected samples and mean relative size."""
+    if report is None:
+        return {}
+    return {
+        "radius": report.radius, "radius_rms": report.radius_rms, "elements": report.elements,
+        "steps": [s.step for s in report.steps],
+        "corrected": [s.corrected for s in report.steps],
+        "batch": [s.batch for s in report.steps],
+        "relative": [sum(s.relative_size) / max(1, len(s.relative_size)) for s in report.steps],
+        "outputs_inside": sum(1 for o in report.outputs if o.distance < report.radius * (1 - INSIDE_RTOL)),
+        "summary": report.summary(),
+    }
+
+
 class ApplySpell:
     DESCRIPTION = ("Installs SPELL sparse repellency on a model (post-CFG): works with KSampler, "
                    "KSamplerAdvanced and SamplerCustom(Advanced).")
@@ -102,7 +118,8 @@ class SpellSampler:
         patch = make_patch("SPELL Sampler", **kwargs)
         latent = comfy_nodes.common_ksampler(patch.apply(model), seed, steps, cfg, sampler_name, scheduler,
                                              positive, negative, latent_image, denoise=denoise)[0]
-        return (latent, patch.last_report)
+        report = patch.last_report
+        return {"ui": {"spell_activity": [activity_summary(report)]}, "result": (latent, report)}
 
 
 class LatentsToShieldSet:
