@@ -6,6 +6,8 @@ LOG = logging.getLogger("shielded_sampling")
 
 NODE_MODULES = [
     "spell_nodes",
+    "report_nodes",
+    "calibration_nodes",
 ]
 
 NODE_CLASS_MAPPINGS = {}
