@@ -1,0 +1,155 @@
+"""EDDY: a divergence-free pairwise drift that leaves the particles' distribution unchanged
+(Vinograd, Achituve, Fetaya, "Diverse Sampling in Diffusion Models with Marginal Preserving Particle
+Guidance", arXiv:2605.06553; only the abstract was available to us, the construction below is our own
+derivation of the idea it states).
+
+Derivation. Let ``x = (x_1, ..., x_N)`` be the batch at noise level ``sigma``, ``p(x) = prod_i p_t(x_i)``
+the joint density of independent samples, ``s_i = grad log p_t(x_i)`` the score (from the denoiser:
+``s = (D(x, sigma) - x) / sigma^2``, or ``(alpha D - x) / sigma^2`` when ``x = alpha x0 + sigma eps``).
+For any antisymmetric matrix field ``A(x)`` (``A^T = -A``, size ``Nd x Nd``) put
+
+    v = (1 / p) div(p A),    i.e.  v_a = sum_b [ A_ab d_b log p + d_b A_ab ].
+
+Then ``div(p v) = sum_ab d_a d_b (p A_ab) = 0``: a symmetric operator ``d_a d_b`` contracted with an
+antisymmetric tensor. Adding ``v`` to the drift of the sampler (ODE or SDE) adds ``-div(p v) = 0`` to the
+right-hand side of the Fokker-Planck equation, so ``p`` still solves it. With ``d x d`` blocks ``A_ij``
+(``A_ji = -A_ij^T``, ``A_ii = 0``) and ``d log p / d x_j = s_j`` the block of particle ``i`` reads
+
+    v_i = sum_j [ A_ij s_j + div_{x_j} A_ij ],     (div_{x_j} A_ij)_a = sum_b d/d(x_j)_b (A_ij)_ab.
+
+Our blocks, built from the kernel-weighted repulsive direction ``r_ij = e_i - e_j`` of an embedding
+``e_i = e(x_i)`` with Jacobian ``J_i``: ``A_ij = k_ij J_i^T diag(r_ij) J_j``, ``k_ij = exp(-||r_ij||^2 / h)``.
+Antisymmetry: ``A_ji = k_ij J_j^T diag(-r_ij) J_i = -A_ij^T``. For a linear embedding ``e = P x``
+(latent: ``P = I``; pooling) the divergence is exact and cheap:
+
+    div_{x_j} A_ij = k_ij P^T [ (2/h) r_ij * (P P^T r_ij) - diag(P P^T) + (||r_ij||^2 / h^2) r_ij * (P P^T H_j) ]
+
+(``*`` elementwise, ``H_j = grad_{e_j} h`` the derivative of the median bandwidth, non-zero for the two
+particles of the median pair; with a fixed bandwidth ``H = 0``). For a nonlinear embedding (edges) we use
+Hutchinson's estimator ``div_{x_j} A_ij = E_z[ d/d eps (A_ij(x_j + eps z) z) ]`` with Rademacher ``z``; the
+directional derivatives ``J z`` and ``d^2 e(x + eps z)/d eps^2`` inside it are exact (forward mode), so the
+only approximation is the Monte-Carlo average over ``probes`` draws (unbiased, not exact per draw).
+
+What is exact and what is not. (1) With exact scores and exact divergence, ``p`` is invariant: every
+particle keeps its marginal AND the batch stays exactly distributed as ``N`` independent samples. A
+consequence we state plainly: in that exact limit the *expected* mean pairwise distance of a batch
+cannot change either; EDDY changes which sample each starting noise is carried to (the coupling), not the
+law. Diversity changes seen in practice come from what breaks exactness: time discretisation of the
+sampler, a learned/CFG score that is not the score of the sampled process, Hutchinson noise. (2) The
+kernel is evaluated on the noisy particles ``x_t`` (the variables ``p_t`` is a density of); evaluating it
+on predictions ``D(x_t)`` would need the Jacobian of the network in the divergence. (3) The caller adds
+``strength * v`` to ``dx/dsigma`` (``D' = D + sigma * strength * v`` in k-diffusion form); any scalar
+factor keeps ``div(p v) = 0``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .embeddings import LatentEmbedding
+from .particle import median_bandwidth, pairwise_sq_distances
+
+
+def _bandwidth_and_gradient(e: torch.Tensor, bandwidth):
+    """``(h, H = grad_e h)``; the median rule is differentiated (autograd), a fixed bandwidth has ``H = 0``."""
+    if bandwidth is not None and float(bandwidth) != 0.0:
+        if not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0):
+            raise ValueError(f"bandwidth must be > 0 (or 0/None for the median rule), got {bandwidth!r}")
+        return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device), torch.zeros_like(e)
+    with torch.enable_grad():
+        eg = e.detach().clone().requires_grad_(True)
+        h = median_bandwidth(eg)
+        (grad,) = torch.autograd.grad(h, eg)
+    return h.detach(), grad
+
+
+def pair_sum(k: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_j k_ij (e_i - e_j) * w_j`` for all ``i`` (``*`` elementwise), without an ``[N, N, d]`` tensor."""
+    return e * (k @ w) - k @ (e * w)
+
+
+def pair_sum_both(k: torch.Tensor, e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``sum_j k_ij (e_i - e_j) * (q_i - q_j)`` for all ``i``."""
+    return k.sum(1, keepdim=True) * e * q - e * (k @ q) - q * (k @ e) + k @ (e * q)
+
+
+def _linear_terms(emb, x, e, s, k, d2, h, grad_h):
+    """Embedding-space field ``T_i`` (``v_i = P^T T_i``) of a linear embedding, exact divergence."""
+    def gram(y):  # P P^T y for embedding-space rows y
+        if isinstance(emb, LatentEmbedding):
+            return y
+        with torch.enable_grad():
+            xg = torch.zeros_like(x).requires_grad_(True)
+            (pt,) = torch.autograd.grad(emb(xg), xg, grad_outputs=y)
+        return emb(pt)
+
+    es = emb(s)                                        # P s_j
+    score_part = pair_sum(k, e, es)
+    div_part = (2.0 / h) * pair_sum_both(k, e, gram(e)) - k.sum(1, keepdim=True) * emb.gram_diag(x)[None, :]
+    if grad_h.abs().sum() > 0:
+        div_part = div_part + pair_sum(k * d2 / h ** 2, e, gram(grad_h))
+    return score_part + div_part
+
+
+def _directional(emb, x, z):
+    """``(e(x), J z, d^2/d eps^2 e(x + eps z))`` by nested forward-mode differentiation."""
+    def first(y):
+        return torch.func.jvp(emb, (y,), (z,))
+    (e0, g1), (_, g2) = torch.func.jvp(first, (x,), (z,))
+    return e0, g1, g2
+
+
+def _hutchinson_terms(emb, x, e, s, k, d2, h, grad_h, probes, generator):
+    """Embedding-space field ``T_i`` (``v_i = J_i^T T_i``) with a Hutchinson estimate of the divergence."""
+    _, js, _ = _directional(emb, x, s)                  # J_j s_j (exact JVP)
+    total = pair_sum(k, e, js)
+    acc = torch.zeros_like(e)
+    for _ in range(probes):
+        z = torch.randint(0, 2, x.shape, generator=generator, device="cpu").to(x.device, x.dtype) * 2 - 1
+        _, g1, g2 = _directional(emb, x, z)
+        # d/d eps of k_ij(eps) r_ij(eps) * g1_j(eps) at 0, r_ij(eps) = e_i - e(x_j + eps z_j):
+        # dk = k [(2/h) r.g1 + (|r|^2/h^2) H_j.g1];  d r = -g1;  d g1 = g2.
+        r_dot = e @ g1.t() - (e * g1).sum(1)[None, :]           # [i, j] = (e_i - e_j) . g1_j
+        dk = k * ((2.0 / h) * r_dot + (d2 / h ** 2) * (grad_h * g1).sum(1)[None, :])
+        acc += pair_sum(dk, e, g1) - k @ (g1 * g1) + pair_sum(k, e, g2)
+    return total + acc / probes
+
+
+def eddy_drift(x: torch.Tensor, score: torch.Tensor, embedding=None, bandwidth=None, divergence: str = "auto",
+               probes: int = 1, generator: torch.Generator = None) -> torch.Tensor:
+    """EDDY drift ``v_i = sum_j [A_ij s_j + div_{x_j} A_ij]`` for particles ``x [N, ...]`` with scores ``score``.
+
+    ``divergence``: ``"auto"`` (exact for linear embeddings, Hutchinson otherwise), ``"exact"`` or
+    ``"hutchinson"`` (``probes`` Rademacher draws). Returns float32 (float64 if ``x`` is float64).
+    """
+    if x.shape != score.shape or x.dim() < 2:
+        raise ValueError(f"x and score must be batches [N, ...] of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(score.shape)}")
+    if divergence not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"divergence must be 'auto', 'exact' or 'hutchinson', got {divergence!r}")
+    if int(probes) != probes or probes < 1:
+        raise ValueError(f"probes must be a whole number >= 1, got {probes!r}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.shape[0] < 2:
+        return torch.zeros_like(x, dtype=dtype)
+    emb = embedding or LatentEmbedding()
+    if divergence == "exact" and not emb.linear:
+        raise ValueError("an exact EDDY divergence needs a linear embedding (latent, pooled, colour); "
+                         "use divergence='hutchinson' for edges")
+    with torch.inference_mode(False):
+        x, s = x.detach().to(dtype).clone(), score.detach().to(dtype).clone()
+        e = emb(x).detach()
+        h, grad_h = _bandwidth_and_gradient(e, bandwidth)
+        d2 = pairwise_sq_distances(e)
+        k = torch.exp(-d2 / h) * (1 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device))
+        if emb.linear and divergence != "hutchinson":
+            t = _linear_terms(emb, x, e, s, k, d2, h, grad_h)
+        else:
+            t = _hutchinson_terms(emb, x, e, s, k, d2, h, grad_h, probes, generator)
+        if isinstance(emb, LatentEmbedding):
+            return t.reshape(x.shape)
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            (v,) = torch.autograd.grad(emb(xg), xg, grad_outputs=t)
+        return v.detach()
