@@ -90,6 +90,13 @@ def negative_guidance(base: torch.Tensor, neg: torch.Tensor, lam) -> torch.Tenso
     return base - lam * (neg - base)
 
 
+def add_negative_guidance(denoised: torch.Tensor, base: torch.Tensor, neg: torch.Tensor, lam) -> torch.Tensor:
+    """``denoised - lam (D_neg - D_base)``: the DNG term on top of a CFG-combined prediction (T2I form, base = positive)."""
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=denoised.device, dtype=denoised.dtype).reshape((-1,) + (1,) * (denoised.dim() - 1))
+    return denoised - lam * (neg - base)
+
+
 def negative_prompting(base: torch.Tensor, neg: torch.Tensor, lam: float) -> torch.Tensor:
     """Negative-prompting baseline: constant scale ``eps = eps_base - lam (eps_neg - eps_base)``."""
     return negative_guidance(base, neg, float(lam))
@@ -183,6 +190,8 @@ class PosteriorTracker:
 
     def observe(self, x, sigma, denoised_base, denoised_neg, alpha=1.0) -> torch.Tensor:
         """Fold the transition that led to ``x`` into the posterior, remember this call; returns ``p`` for this step."""
+        if self.log_p.device != x.device:
+            self.log_p = self.log_p.to(x.device)
         a = _per_sample(alpha, x)
         x_ve = x.double() / a
         sigma_ve = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0]) / a.reshape(-1)

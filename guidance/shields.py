@@ -111,16 +111,25 @@ class TensorShields:
         return self._flat[self.within_indices(queries, radius)].reshape(-1, *self.item_shape)
 
     def nearest(self, queries: torch.Tensor):
-        """Exact nearest shield per query: ``(distance [B], index [B])``."""
+        """Exact nearest shield per query: ``(distance [B], index [B])``.
+
+        Screens with the matmul expansion (upper bound on the nearest squared distance plus the rounding
+        margin), then verifies the few survivors by explicit differences.
+        """
         q = flatten(queries).float().to(self._flat.device)
+        q_sq = q.square().sum(-1)
+        u = matmul_unit_roundoff(q.device)
+        approx = torch.cat([q_sq[:, None] + self._sq_norms[None, s:s + SCREEN_CHUNK_ROWS]
+                            - 2 * (q @ self._flat[s:s + SCREEN_CHUNK_ROWS].T)
+                            for s in range(0, len(self), SCREEN_CHUNK_ROWS)], dim=1)
+        tol = screening_tolerance(q_sq, self._sq_norms, q.shape[1], u)
+        bound = (approx + tol).min(1, keepdim=True).values
         best = torch.full((q.shape[0],), math.inf, device=q.device)
         best_idx = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        for start in range(0, len(self), SCREEN_CHUNK_ROWS):
-            d2 = exact_sq_distances(q, self._flat[start:start + SCREEN_CHUNK_ROWS])
-            val, idx = d2.min(1)
-            better = val < best
-            best = torch.where(better, val, best)
-            best_idx = torch.where(better, idx + start, best_idx)
+        for b in range(q.shape[0]):
+            cand = (approx[b] - tol[b] <= bound[b]).nonzero().flatten()
+            d2 = exact_sq_distances(q[b:b + 1], self._flat[cand])[0]
+            best[b], best_idx[b] = d2.min(), cand[d2.argmin()]
         return best.sqrt(), best_idx
 
 

@@ -198,7 +198,12 @@ def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_b
     delta, hits, nearest, _ = correction(x, centres, sets.intra_batch, radius, ties)
     corrected = x + overcompensation * delta
     active = (corrected != x).any(1)
-    final = _nearest_known(corrected, sets, radius, ties) if active.any() else nearest
+    final = nearest
+    if active.any():
+        # A shield within r of a result moved by <= r lies within 2r of x0_hat: the first search covers it.
+        moved_at_most_r = (corrected - x).norm(dim=1).max().item() <= radius
+        reuse = centres if moved_at_most_r else sets.centres_for(corrected, 2 * radius)
+        _, _, final, _ = correction(corrected, reuse, sets.intra_batch, radius, ties)
     rounds = 1
     if exact:
         corrected, final, rounds = _exact_rounds(corrected, final, sets, radius, ties, max_rounds, x0_hat.dtype)

@@ -63,7 +63,17 @@ def tiny_unet_config() -> dict:
     }
 
 
-def tiny_model(seed: int = 0):
+def sd15_unet_config() -> dict:
+    """The real SD1.5 UNet shape (320 channels, context 768): random weights, realistic cost."""
+    cfg = tiny_unet_config()
+    cfg.update({"model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                "context_dim": 768, "num_heads": 8})
+    return cfg
+
+
+def tiny_model(seed: int = 0, unet_config: dict | None = None):
     """A randomly initialised SD1.5-config model in a real ModelPatcher (CPU, fp32)."""
     import torch
     import comfy.model_management
@@ -71,7 +81,7 @@ def tiny_model(seed: int = 0):
     import comfy.supported_models
 
     torch.manual_seed(seed)
-    config = comfy.supported_models.SD15(tiny_unet_config())
+    config = comfy.supported_models.SD15(unet_config or tiny_unet_config())
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.to(torch.float32)
@@ -96,11 +106,11 @@ def _randomise(module, seed: int):
         module.out[-1].weight.mul_(0.05)  # keep the predicted noise near unit scale
 
 
-def conditioning(seed: int, tokens: int = 8):
-    """A CONDITIONING list as CLIPTextEncode returns it, with random context of the tiny model's width."""
+def conditioning(seed: int, tokens: int = 8, width: int = CONTEXT_DIM):
+    """A CONDITIONING list as CLIPTextEncode returns it, with random context of the model's width."""
     import torch
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, CONTEXT_DIM, generator=gen), {}]]
+    return [[torch.randn(1, tokens, width, generator=gen), {}]]
 
 
 def empty_latent(batch: int, size: int = 32):
