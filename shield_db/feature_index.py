@@ -1,0 +1,80 @@
+"""FAISS range search on projected features, returning a candidate superset of the true hits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import CorruptDatabaseError
+from .projection import FEATURE_REL_ERROR, features, search_radius_sq
+from .storage import commit_temp, map_tensor, sha256_file, temp_path, write_safetensors_atomic
+
+
+class FeatureIndex:
+    """Features of every stored row (dead rows included) in a ``faiss.IndexFlatL2``, plus the map ``f``."""
+
+    def __init__(self, mu: np.ndarray, a: np.ndarray, index: faiss.Index, max_norm: float):
+        self.mu, self.a, self.index, self.max_norm = mu, a, index, float(max_norm)
+
+    @classmethod
+    def empty(cls, mu: np.ndarray, a: np.ndarray) -> "FeatureIndex":
+        return cls(mu, a, faiss.IndexFlatL2(a.shape[1] + 1), 0.0)
+
+    @property
+    def rows(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, x: np.ndarray) -> None:
+        """Append the features of rows ``x [n, ...]``."""
+        feats, norms = features(x, self.mu, self.a)
+        self.index.add(np.ascontiguousarray(feats))
+        if len(norms):
+            self.max_norm = max(self.max_norm, float(norms.max()))
+
+    def candidates(self, queries: np.ndarray, radius: float) -> np.ndarray:
+        """Sorted rows whose features lie close enough that they may be within ``radius`` of a query."""
+        feats, norms = features(queries, self.mu, self.a)
+        max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
+        r2 = max(search_radius_sq(radius, float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
+                                  max_feat_sq, feats.shape[1]) for n in norms)
+        _, _, ids = self.index.range_search(np.ascontiguousarray(feats), r2)
+        return np.unique(ids).astype(np.int64)
+
+    def nearest_candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """``[B, k]`` rows nearest in feature space (a cheap upper bound for the exact nearest search)."""
+        feats, _ = features(queries, self.mu, self.a)
+        _, ids = self.index.search(np.ascontiguousarray(feats), min(k, self.rows))
+        return ids
+
+    def save(self, folder: Path, file_id: int) -> dict:
+        """Write ``basis-<id>.safetensors`` and ``features-<id>.faiss`` atomically; returns their manifest entry."""
+        folder.mkdir(parents=True, exist_ok=True)
+        basis = folder / f"basis-{file_id:06d}.safetensors"
+        write_safetensors_atomic(basis, {"mu": self.mu, "a": self.a}, {"format": "shield_db-basis"})
+        feats = folder / f"features-{file_id:06d}.faiss"
+        tmp = temp_path(feats)
+        faiss.write_index(self.index, str(tmp))
+        commit_temp(tmp, feats)
+        return {"basis": {"file": f"index/{basis.name}", "sha256": sha256_file(basis)},
+                "faiss": {"file": f"index/{feats.name}", "sha256": sha256_file(feats)},
+                "rows": self.rows, "dim": int(self.a.shape[1]), "max_norm": self.max_norm}
+
+    @classmethod
+    def load(cls, database: Path, entry: dict) -> "FeatureIndex":
+        """Read an index only after its files match the manifest's checksums."""
+        paths = {}
+        for key in ("basis", "faiss"):
+            path = database / entry[key]["file"]
+            if not path.is_file():
+                raise CorruptDatabaseError(database, path, "missing")
+            if sha256_file(path) != entry[key]["sha256"]:
+                raise CorruptDatabaseError(database, path, "checksum does not match the manifest")
+            paths[key] = path
+        mu = np.array(map_tensor(paths["basis"], database, "mu"))
+        a = np.array(map_tensor(paths["basis"], database, "a"))
+        index = faiss.read_index(str(paths["faiss"]))
+        if index.ntotal != entry["rows"] or index.d != a.shape[1] + 1 or a.shape[0] != mu.shape[0]:
+            raise CorruptDatabaseError(database, paths["faiss"], f"holds {index.ntotal} rows of dim {index.d}, manifest "
+                                                                 f"says {entry['rows']} of dim {a.shape[1] + 1}")
+        return cls(mu, a, index, entry["max_norm"])
