@@ -13,6 +13,11 @@ DEFAULT_CAP = 256
 
 _LOCK = threading.Lock()
 _HISTORIES: dict[str, list[torch.Tensor]] = {}
+_VERSIONS: dict[str, int] = {}
+
+
+def _bump(name: str):
+    _VERSIONS[name] = _VERSIONS.get(name, 0) + 1
 
 
 def add(name: str, latents: torch.Tensor, cap: int = DEFAULT_CAP) -> int:
@@ -22,6 +27,7 @@ def add(name: str, latents: torch.Tensor, cap: int = DEFAULT_CAP) -> int:
         items.extend(latents.detach().float().cpu().unbind(0))
         if cap > 0 and len(items) > cap:
             del items[:len(items) - cap]
+        _bump(name)
         return len(items)
 
 
@@ -40,11 +46,19 @@ def size(name: str) -> int:
 def clear(name: str = "") -> int:
     """Forget history ``name`` (all histories when empty); returns how many latents were dropped."""
     with _LOCK:
+        for key in ([name] if name else list(_HISTORIES)):
+            _bump(key)
         if name:
             return len(_HISTORIES.pop(name, []))
         dropped = sum(len(v) for v in _HISTORIES.values())
         _HISTORIES.clear()
         return dropped
+
+
+def version(name: str) -> int:
+    """Changes whenever history ``name`` gains or loses latents (drives ComfyUI's re-execution)."""
+    with _LOCK:
+        return _VERSIONS.get(name, 0)
 
 
 def names() -> list[str]:

@@ -85,6 +85,14 @@ def activity_summary(report) -> dict:
     }
 
 
+def history_fingerprint(history=False, history_name="default", **_) -> str:
+    """With history on, a queued run must re-execute even with unchanged widgets: the history changed."""
+    if not history:
+        return ""
+    name = str(history_name).strip()
+    return f"{name}:{spell_history.version(name)}"
+
+
 class ApplySpell:
     DESCRIPTION = ("Installs SPELL sparse repellency on a model (post-CFG): works with KSampler, "
                    "KSamplerAdvanced and SamplerCustom(Advanced).")
@@ -96,6 +104,10 @@ class ApplySpell:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL", {"tooltip": "The model to patch."}), **spell_inputs()},
                 "optional": optional_shield_input()}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return history_fingerprint(**kwargs)
 
     def apply(self, model, **kwargs):
         return (make_patch("Apply SPELL", **kwargs).apply(model),)
@@ -112,6 +124,10 @@ class SpellSampler:
     def INPUT_TYPES(cls):
         ks = comfy_nodes.KSampler.INPUT_TYPES()["required"]
         return {"required": {**ks, **spell_inputs()}, "optional": optional_shield_input()}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return history_fingerprint(**kwargs)
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise=1.0, **kwargs):

@@ -207,3 +207,13 @@ def test_intra_batch_with_batch_one_is_a_documented_no_op(comfy_nodes, spell_nod
     assert torch.equal(out["samples"], plain)
     assert "batch size 1" in caplog.text
     assert not any(s.corrected for s in report.steps)
+
+
+def test_history_nodes_re_execute_when_the_history_changes(spell_nodes, history):
+    history.clear("fp")
+    kw = dict(history=True, history_name="fp")
+    before = spell_nodes.SpellSampler.IS_CHANGED(**kw)
+    history.add("fp", torch.zeros(1, 4, 4, 4))
+    assert spell_nodes.SpellSampler.IS_CHANGED(**kw) != before
+    assert spell_nodes.ApplySpell.IS_CHANGED(history=False, history_name="fp") == ""
+    history.clear("fp")
