@@ -8,6 +8,8 @@ NODE_MODULES = [
     "spell_nodes",
     "report_nodes",
     "calibration_nodes",
+    "dng_nodes",
+    "particle_nodes",
 ]
 
 NODE_CLASS_MAPPINGS = {}
