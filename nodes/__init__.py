@@ -9,7 +9,6 @@ NODE_MODULES = [
     "report_nodes",
     "calibration_nodes",
     "dng_nodes",
-    "particle_nodes",
 ]
 
 NODE_CLASS_MAPPINGS = {}
