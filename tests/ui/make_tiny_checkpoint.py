@@ -1,0 +1,84 @@
+"""Writes a random SD1.5-format checkpoint that ComfyUI's CheckpointLoaderSimple detects and loads.
+
+Run with ComfyUI's Python: ``COMFYUI_PATH=/path/to/ComfyUI python tests/ui/make_tiny_checkpoint.py OUT.safetensors``.
+
+ComfyUI recognises SD1.5 by the UNet's model_channels (320) and context width (768), and builds the full
+CLIP-L text encoder and SD VAE whatever the checkpoint holds, so only the UNet can be made small: one level,
+one residual block, one transformer block (about 21M parameters). CLIP and VAE keep their real shapes with
+random weights. Everything is stored in fp16 (about 0.4 GB); images are noise, which is all the UI tests need.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SEED = 0
+
+
+def unet_config() -> dict:
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+        "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
+        "num_heads": 8, "num_head_channels": -1,
+    }
+
+
+def randomise(module, gen):
+    """ComfyUI builds layers uninitialised: small random weights, unit norms, zero biases."""
+    import torch
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif "norm" in name or "ln_" in name or "layer_norm" in name:
+                param.fill_(1.0)
+            else:
+                fan_in = max(1, param[0].numel()) if param.dim() > 1 else 1
+                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
+
+
+def build(out: Path):
+    root = os.environ.get("COMFYUI_PATH")
+    if not root:
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    sys.path.insert(0, root)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.ldm.models.autoencoder as autoencoder
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    gen = torch.Generator().manual_seed(SEED)
+    config = comfy.supported_models.SD15(unet_config())
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    randomise(model.diffusion_model, gen)
+    with torch.no_grad():
+        model.diffusion_model.out[-1].weight.mul_(0.05)   # predicted noise near unit scale
+
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None)
+    randomise(clip.cond_stage_model, gen)
+    vae_model = autoencoder.AutoencoderKL(
+        ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                  "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0},
+        embed_dim=4)
+    randomise(vae_model, gen)
+
+    clip_sd = clip.get_sd()
+    sd = model.state_dict_for_saving(clip_sd, vae_model.state_dict(), None)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    comfy.utils.save_torch_file(sd, str(tmp), metadata={"note": "random weights, UI tests only"})
+    tmp.replace(out)
+
+
+if __name__ == "__main__":
+    build(Path(sys.argv[1]))

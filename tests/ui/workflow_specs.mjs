@@ -1,0 +1,91 @@
+// Source of the example workflows: node lists and links by name. build_workflows.mjs turns each spec into
+// ComfyUI workflow JSON inside a real front end (so widget order, slots and links are what ComfyUI writes).
+export const CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors";
+
+const ckpt = (x, y) => ({ type: "CheckpointLoaderSimple", pos: [x, y], widgets: { ckpt_name: CHECKPOINT } });
+const text = (x, y, value, title) => ({ type: "CLIPTextEncode", pos: [x, y], size: [340, 160], title,
+  widgets: { text: value } });
+const latent = (x, y, batch) => ({ type: "EmptyLatentImage", pos: [x, y],
+  widgets: { width: 512, height: 512, batch_size: batch } });
+const decode = (x, y) => ({ type: "VAEDecode", pos: [x, y] });
+const save = (x, y, prefix) => ({ type: "SaveImage", pos: [x, y], size: [340, 380], widgets: { filename_prefix: prefix } });
+const note = (x, y, value) => ({ type: "Note", pos: [x, y], size: [440, 200], widgets: { text: value } });
+const spellSampler = (x, y, widgets) => ({ type: "ShieldedSpellSampler", pos: [x, y],
+  widgets: { seed: 42, steps: 25, cfg: 7.0, sampler_name: "euler", scheduler: "normal", ...widgets } });
+
+const promptLinks = (sampler) => [
+  ["ckpt", "CLIP", "positive", "clip"], ["ckpt", "CLIP", "negative", "clip"],
+  ["positive", "CONDITIONING", sampler, "positive"], ["negative", "CONDITIONING", sampler, "negative"],
+  ["latent", "LATENT", sampler, "latent_image"],
+];
+const outputLinks = (sampler) => [
+  [sampler, "LATENT", "decode", "samples"], ["ckpt", "VAE", "decode", "vae"], ["decode", "IMAGE", "save", "images"],
+];
+
+export const SPECS = [
+  {
+    file: "spell_diverse_batch_with_history",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      positive: text(380, 40, "a photo of a dog in a park, detailed", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      latent: latent(380, 480, 4),
+      sampler: spellSampler(780, 40, { radius: 0.15, intra_batch: true, history: true, history_name: "dogs" }),
+      decode: decode(1180, 40),
+      save: save(1400, 40, "spell_diverse"),
+      report: { type: "ShieldedSpellReport", pos: [1180, 300], size: [440, 720] },
+      note: note(20, 680, "Diverse batch with history (SPELL, Kirchhof et al. 2025).\n\nintra_batch repels each " +
+        "image of the batch from the others; history also repels from the outputs of earlier runs named 'dogs', " +
+        "so queueing again gives new images. radius is per latent element; start from SPELL Radius Calibration " +
+        "(median of an unguided batch). SPELL Report shows per step how many samples were corrected."),
+    },
+    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "sampler", "model"], ...outputLinks("sampler"),
+      ["sampler", "report", "report", "report"], ["decode", "IMAGE", "report", "images"]],
+  },
+  {
+    file: "spell_radius_calibration",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      positive: text(380, 40, "a photo of a dog in a park, detailed", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      latent: latent(380, 480, 8),
+      sampler: { type: "KSampler", pos: [780, 40],
+        widgets: { seed: 42, steps: 25, cfg: 7.0, sampler_name: "euler", scheduler: "normal" } },
+      calibration: { type: "ShieldedSpellRadiusCalibration", pos: [1160, 40], size: [380, 200],
+        widgets: { fraction: 0.5 } },
+      note: note(20, 680, "Radius calibration, as in the SPELL paper: generate one batch WITHOUT SPELL, measure " +
+        "the median pairwise distance of its latents in the model's space (connect the MODEL), and start from " +
+        "a fraction of it. The result also appears as an orange marker on every SPELL node's radius scale."),
+    },
+    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "sampler", "model"],
+      ["sampler", "LATENT", "calibration", "latents"], ["ckpt", "MODEL", "calibration", "model"]],
+  },
+  {
+    file: "dng_dynamic_negative_guidance",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      positive: text(380, 20, "a medieval feast in a great hall", "Positive"),
+      negative: text(380, 230, "", "Negative (CFG)"),
+      concept: text(380, 440, "chalices, candles", "Concept to avoid"),
+      latent: latent(380, 660, 2),
+      dng: { type: "ShieldedDynamicNegativeGuidance", pos: [780, 20],
+        widgets: { scale: 12.0, prior: 0.01, temperature: 0.2, offset: 0.002 } },
+      sampler: { type: "KSampler", pos: [1180, 20],
+        widgets: { seed: 7, steps: 30, cfg: 7.0, sampler_name: "euler_ancestral", scheduler: "normal" } },
+      decode: decode(1540, 20),
+      save: save(1760, 20, "dng"),
+      report: { type: "ShieldedDngReport", pos: [1540, 300], size: [520, 480] },
+      note: note(20, 860, "Dynamic negative guidance (Koulischer et al. 2025): the concept prompt is pushed away " +
+        "with a scale that follows the posterior that the image shows it, so an unrelated concept leaves the " +
+        "image alone. DNG Report draws the posterior and scale per sample; its 'after' input makes it run " +
+        "after the sampler."),
+    },
+    links: [
+      ["ckpt", "CLIP", "positive", "clip"], ["ckpt", "CLIP", "negative", "clip"], ["ckpt", "CLIP", "concept", "clip"],
+      ["ckpt", "MODEL", "dng", "model"], ["concept", "CONDITIONING", "dng", "concept"],
+      ["dng", "MODEL", "sampler", "model"], ["positive", "CONDITIONING", "sampler", "positive"],
+      ["negative", "CONDITIONING", "sampler", "negative"], ["latent", "LATENT", "sampler", "latent_image"],
+      ...outputLinks("sampler"), ["dng", "report", "report", "dng_report"], ["sampler", "LATENT", "report", "after"],
+    ],
+  },
+];
