@@ -78,7 +78,9 @@ class TensorShields:
     def __len__(self) -> int:
         return self.shields.shape[0]
 
-    def to(self, device: torch.device) -> "TensorShields":
+    def to(self, device) -> "TensorShields":
+        if self.shields.device == torch.device(device):
+            return self
         return TensorShields(self.shields.to(device))
 
     def _screened(self, queries: torch.Tensor, radius: float):

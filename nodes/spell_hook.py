@@ -77,8 +77,19 @@ def to_model_space(source, latent_format, node: str):
         return AffineShields(source, *affine)
     if isinstance(source, TensorShields):
         return TensorShields(latent_format.process_in(source.shields.clone()).float())
+    if isinstance(source, ConcatShields):
+        return ConcatShields([to_model_space(s, latent_format, node) for s in source.sources])
     raise ValueError(f"{node}: this model's latent format is not a scalar affine map, so an indexed shield set "
                      f"cannot be searched in its space; load the shields as a LATENT batch instead")
+
+
+def on_device(source, device):
+    """In-memory shields move to the sampling device once per run; indexed sources stay where they are."""
+    if isinstance(source, TensorShields):
+        return source.to(device)
+    if isinstance(source, ConcatShields):
+        return ConcatShields([on_device(s, device) for s in source.sources])
+    return source
 
 
 def check_shapes(settings: SpellSettings, latent_shape: tuple):
@@ -148,7 +159,10 @@ class SpellPatch:
             if hist is not None:
                 sources.append(hist)
                 history_count = len(hist)
-        source = to_model_space(ConcatShields(sources), latent_format, s.node) if sources else None
+        source = None
+        if sources:
+            merged = on_device(ConcatShields(sources), guider.model_patcher.load_device)
+            source = to_model_space(merged, latent_format, s.node)
         elements = int(math.prod(item_shape))
         radius = raw_radius(s.radius_rms, elements)
         sig = [float(v) for v in sigmas.flatten().tolist()]
