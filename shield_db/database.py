@@ -191,6 +191,9 @@ class Transaction:
     def item(self, source: str):
         return self._by_source.get(source)
 
+    def sources(self) -> list[str]:
+        return list(self._by_source)
+
     def row_of(self, sha: str):
         return self._row_of_sha.get(sha)
 

@@ -1,0 +1,174 @@
+"""Bring a database in line with a folder of images: encode what is new, drop what is gone, list what is bad."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .database import MTIME, SHA, SIZE, ShieldDatabase
+from .images import IMAGE_EXTENSIONS, UnusableImage, load_for_encode, thumbnail
+from .storage import sha256_file
+
+LOG = logging.getLogger("shielded_sampling")
+CACHE_DIR = ".shield_db"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    source: str  # path relative to the folder, with forward slashes
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class SyncResult:
+    database: Path
+    encoded: int = 0
+    reused: int = 0
+    kept: int = 0
+    removed: int = 0
+    vae_calls: int = 0
+    skipped: list = field(default_factory=list)  # [{"source", "reason", "size", "mtime_ns"}]
+
+    def summary(self) -> str:
+        text = (f"{self.kept + self.reused + self.encoded} shields ({self.encoded} encoded, {self.reused} reused by "
+                f"content hash, {self.kept} unchanged, {self.removed} removed)")
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)}: " + "; ".join(f"{s['source']} ({s['reason']})" for s in self.skipped[:10])
+        return text
+
+
+def scan(folder: Path) -> tuple[list[FileEntry], list[dict]]:
+    """Regular files below ``folder`` (hidden names and the cache excluded), sorted; non-images listed apart."""
+    entries, others = [], []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            try:
+                st = path.stat()
+            except OSError as exc:
+                others.append({"source": path.relative_to(folder).as_posix(), "reason": f"unreadable: {exc}", "size": 0, "mtime_ns": 0})
+                continue
+            entry = FileEntry(path.relative_to(folder).as_posix(), path, st.st_size, st.st_mtime_ns)
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                entries.append(entry)
+            else:
+                others.append({"source": entry.source, "reason": f"not an image file ({path.suffix or 'no extension'})",
+                               "size": entry.size, "mtime_ns": entry.mtime_ns})
+    return entries, others
+
+
+def fingerprint(folder: Path, *params) -> str:
+    """Changes when any file is added, removed, resized or touched, or a parameter changes (no hashing)."""
+    entries, others = scan(folder)
+    listing = [(e.source, e.size, e.mtime_ns) for e in entries] + [(o["source"], o["size"], o["mtime_ns"]) for o in others]
+    return hashlib.sha256(json.dumps([listing, [str(p) for p in params]]).encode()).hexdigest()
+
+
+def database_folder(folder: Path, vae_fingerprint: str, width: int, height: int, resize: str) -> Path:
+    """Where the cache of ``folder`` for this VAE and target lives: ``<folder>/.shield_db/<key>``."""
+    key = hashlib.sha256(json.dumps([vae_fingerprint, width, height, resize]).encode()).hexdigest()[:16]
+    return folder / CACHE_DIR / f"{width}x{height}-{resize}-{key}"
+
+
+def _plan(txn, entries: list[FileEntry], result: SyncResult, old_skipped: dict):
+    """Decide per file: keep, relink by content hash, skip again (unchanged bad file), or encode."""
+    todo = []
+    for e in entries:
+        item = txn.item(e.source)
+        if item is not None and item[SIZE] == e.size and item[MTIME] == e.mtime_ns:
+            result.kept += 1
+            continue
+        bad = old_skipped.get(e.source)
+        if bad is not None and bad["size"] == e.size and bad["mtime_ns"] == e.mtime_ns:
+            result.skipped.append(bad)
+            continue
+        sha = sha256_file(e.path)
+        if item is not None and item[SHA] == sha:
+            txn.touch(e.source, e.size, e.mtime_ns)
+            result.kept += 1
+        elif txn.row_of(sha) is not None:
+            txn.link(e.source, sha, txn.row_of(sha), e.size, e.mtime_ns)
+            result.reused += 1
+        else:
+            todo.append((e, sha))
+    return todo
+
+
+def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape, width: int, height: int,
+                resize: str, vae_fingerprint: str, batch_size: int = 8, thumbnail_size: int = 48,
+                rebuild: bool = False, database: Path | None = None, progress: Callable[[int, int], None] | None = None,
+                commit_rows: int = 256) -> SyncResult:
+    """Encode new images of ``folder`` with ``encode(uint8 [B, H, W, 3]) -> latents [B, *item_shape]``.
+
+    Unchanged files (same size and mtime, or same sha256) cost no ``encode`` call; removed files are dropped;
+    files that cannot be decoded are skipped and listed (and remembered until they change). Encoded shields are
+    committed every ``commit_rows``, so an interrupted run resumes where it stopped.
+    """
+    folder = Path(folder)
+    db = ShieldDatabase(database or database_folder(folder, vae_fingerprint, width, height, resize))
+    result = SyncResult(db.folder)
+    target = {"width": width, "height": height, "resize": resize}
+    entries, others = scan(folder)
+    result.skipped.extend(others)
+    with db.writer(item_shape=item_shape, rebuild=rebuild, vae_fingerprint=vae_fingerprint, target=target,
+                   thumbnail_size=thumbnail_size) as txn:
+        txn.commit_rows = commit_rows
+        if txn.body["vae_fingerprint"] != vae_fingerprint or txn.body["target"] != target:
+            raise ValueError(f"shield database {db.folder} was built for another VAE or size "
+                             f"({txn.body['target']}); rebuild it")
+        old_skipped = {s["source"]: s for s in txn.body["skipped"]}
+        present = {e.source for e in entries}
+        for source in txn.sources():
+            if source not in present and txn.remove(source):
+                result.removed += 1
+        todo = _plan(txn, entries, result, old_skipped)
+        _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress)
+        txn.set_skipped(result.skipped)
+    if result.skipped:
+        LOG.warning("Shield Set Loader: %s", result.summary())
+    return result
+
+
+def _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress):
+    done, first_of_sha, duplicates = 0, {}, []
+    for start in range(0, len(todo), max(1, batch_size)):
+        batch, pixels = [], []
+        for e, sha in todo[start:start + batch_size]:
+            if sha in first_of_sha:
+                duplicates.append((e, sha))
+                continue
+            try:
+                pixels.append(load_for_encode(e.path, width, height, resize))
+            except UnusableImage as exc:
+                result.skipped.append({"source": e.source, "reason": str(exc), "size": e.size, "mtime_ns": e.mtime_ns})
+                continue
+            first_of_sha[sha] = e.source
+            batch.append((e, sha))
+        if batch:
+            latents = np.asarray(encode(np.stack(pixels)), dtype=np.float32)
+            result.vae_calls += 1
+            if latents.shape != (len(batch), *txn.item_shape):
+                raise ValueError(f"the VAE returned latents of shape {latents.shape}, expected "
+                                 f"{(len(batch), *txn.item_shape)} for {width}x{height} images")
+            for (e, sha), latent, rgb in zip(batch, latents, pixels):
+                thumb = thumbnail(rgb, thumbnail_size) if thumbnail_size else None
+                txn.add(e.source, sha, latent, thumb, e.size, e.mtime_ns)
+            result.encoded += len(batch)
+        done = min(len(todo), start + batch_size)
+        if progress is not None:
+            progress(done, len(todo))
+    txn.flush()
+    for e, sha in duplicates:  # same content as a file encoded above: share its row
+        txn.link(e.source, sha, txn.row_of(sha), e.size, e.mtime_ns)
+        result.reused += 1

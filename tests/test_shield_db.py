@@ -1,0 +1,183 @@
+"""shield_db: exact range/nearest search vs brute force, incremental add/remove, compaction, format checks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shield_db.database import ShieldDatabase
+from shield_db.projection import features, fit_basis
+from shield_db.source import DatabaseShields
+
+SHAPE = (4, 8, 8)
+
+
+def make_db(tmp_path, data, name="db", **txn):
+    db = ShieldDatabase(tmp_path / name)
+    with db.writer(item_shape=data.shape[1:]) as w:
+        for key, value in txn.items():
+            setattr(w, key, value)
+        w.add_batch([f"s{i}" for i in range(len(data))], [f"{i:064x}" for i in range(len(data))], data)
+    return db
+
+
+def brute_within(data, queries, radius):
+    z = torch.from_numpy(data.astype(np.float64)).reshape(len(data), -1)
+    q = queries.double().reshape(len(queries), -1)
+    d = ((q[:, None] - z[None]) ** 2).sum(-1).sqrt()
+    return np.nonzero((d <= radius).any(0).numpy())[0], d
+
+
+def clustered(n, seed=0, clusters=12):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, *SHAPE)) * 3
+    low = rng.standard_normal((n, 4, 2, 2)).repeat(4, 2).repeat(4, 3)  # smooth within-cluster variation
+    return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *SHAPE))).astype(np.float16)
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_range_search_equals_brute_force(tmp_path, kind):
+    data = (np.random.default_rng(1).standard_normal((1500, *SHAPE)) if kind == "random" else clustered(1500)).astype(np.float16)
+    src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
+    assert src.use_index
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.from_numpy(data[:6].astype(np.float32)) + 0.3 * torch.randn(6, *SHAPE, generator=gen)
+    _, dist = brute_within(data, queries, 0)
+    pruned = 0
+    for k in (1, 2, 5, 40):  # radii at the k-th nearest distance: few to many hits
+        radius = float(dist.sort(1).values[:, k - 1].max())
+        expect, _ = brute_within(data, queries, radius)
+        got = src.within_rows(queries, radius)
+        assert np.array_equal(got, expect), (kind, k)
+        found = src.within(queries, radius)
+        assert found.shape == (len(expect), *SHAPE)
+        assert torch.equal(found, torch.from_numpy(data[expect].astype(np.float32)))
+        pruned = max(pruned, len(data) - len(src.snapshot.index.candidates(queries.numpy().reshape(6, -1), radius)))
+    assert pruned > 0  # the feature index really filters
+
+
+def test_query_exactly_at_radius_is_inside(tmp_path):
+    data = clustered(600, seed=3)
+    src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
+    q = torch.from_numpy(data[[10, 20]].astype(np.float32))
+    q[0, 1, 2, 3] += 2.0  # exactly 2.0 from shield 10 (fp16 + 2 is exact in float32)
+    q[1, 0, 0, 0] -= 2.0
+    exact = ((q.double() - torch.from_numpy(data[[10, 20]].astype(np.float64))) ** 2).sum((1, 2, 3)).sqrt()
+    assert exact.tolist() == [2.0, 2.0]
+    rows = src.within_rows(q, 2.0)
+    assert 10 in rows and 20 in rows
+    expect, _ = brute_within(data, q, 2.0)
+    assert np.array_equal(rows, expect)
+    just_inside = src.within_rows(q[:1], 2.0 * (1 - 1e-6))  # a hair smaller: shield 10 is out, as brute force says
+    assert 10 not in just_inside and np.array_equal(just_inside, brute_within(data, q[:1], 2.0 * (1 - 1e-6))[0])
+
+
+def test_small_set_path_matches_index_path(tmp_path):
+    data = clustered(300, seed=4)
+    snap = make_db(tmp_path, data).snapshot()
+    q = torch.from_numpy(data[:3].astype(np.float32)) + 0.5
+    small, indexed = DatabaseShields(snap), DatabaseShields(snap, small_set_rows=0)
+    assert not small.use_index and indexed.use_index
+    for r in (1.0, 3.0, 6.0):
+        assert np.array_equal(small.within_rows(q, r), indexed.within_rows(q, r))
+
+
+def test_nearest_is_exact(tmp_path):
+    data = clustered(900, seed=5)
+    src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
+    q = torch.from_numpy(data[[1, 500, 7]].astype(np.float32)) + 0.7 * torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    _, d = brute_within(data, q, 0)
+    dist, idx = src.nearest(q)
+    assert idx.tolist() == d.argmin(1).tolist()
+    assert torch.allclose(dist.double(), d.min(1).values, rtol=1e-6)
+
+
+def test_projection_never_increases_distances():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((500, 256)) * np.geomspace(3, 0.01, 256)
+    mu, a = fit_basis(x[:200], 16)
+    assert np.linalg.norm(a, 2) <= 1.0
+    f, _ = features(x, mu, a)
+    i, j = rng.integers(0, 500, (2, 4000))
+    true = np.linalg.norm(x[i] - x[j], axis=1)
+    proj = np.linalg.norm(f[i].astype(np.float64) - f[j], axis=1)
+    assert (proj <= true * (1 + 1e-5) + 1e-9).all()
+    assert proj.mean() > 0.5 * true.mean()  # and is a useful bound
+
+
+def test_incremental_add_and_remove(tmp_path):
+    data = clustered(700, seed=7)
+    db = make_db(tmp_path, data[:400], commit_rows=64)
+    with db.writer() as w:
+        w.add_batch([f"s{i}" for i in range(400, 700)], [f"{i:064x}" for i in range(400, 700)], data[400:])
+    with db.writer() as w:
+        for i in range(0, 700, 3):
+            assert w.remove(f"s{i}")
+    keep = np.array([i for i in range(700) if i % 3])
+    src = DatabaseShields(db.snapshot(), small_set_rows=0)
+    assert len(src) == len(keep)
+    q = torch.from_numpy(data[[0, 3, 4, 650]].astype(np.float32)) + 0.2
+    for r in (0.5, 3.0, 8.0):
+        expect, _ = brute_within(data[keep], q, r)
+        assert np.array_equal(src.within_rows(q, r), keep[expect])  # global rows: no compaction happened here
+    assert src.sources([0, 1]) == ["s1", "s2"]
+    # re-adding a removed content reuses its row: no new shard
+    with db.writer() as w:
+        assert w.row_of(f"{0:064x}") is not None
+        w.link("again", f"{0:064x}", w.row_of(f"{0:064x}"))
+    assert len(DatabaseShields(db.snapshot())) == len(keep) + 1
+
+
+def test_compaction_drops_dead_rows_and_keeps_search_exact(tmp_path):
+    data = clustered(3000, seed=8)
+    db = make_db(tmp_path, data)
+    with db.writer() as w:
+        for i in range(0, 3000):
+            if i % 10:
+                w.remove(f"s{i}")
+    snap = db.snapshot()
+    keep = np.arange(0, 3000, 10)
+    assert snap.rows == len(keep)  # compacted: dead rows are gone
+    src = DatabaseShields(snap, small_set_rows=0)
+    q = torch.from_numpy(data[[0, 10, 20]].astype(np.float32)) + 0.1
+    expect, _ = brute_within(data[keep], q, 4.0)
+    assert np.array_equal(src.within_rows(q, 4.0), expect)
+    assert src.sources([1]) == ["s10"]
+
+
+def test_many_small_commits_are_merged(tmp_path):
+    data = clustered(1000, seed=9)
+    db = make_db(tmp_path, data, commit_rows=50)
+    snap = db.snapshot()
+    assert len(snap.shards) == 1 and snap.rows == 1000
+    assert np.array_equal(snap.read_rows(np.arange(1000)), data)
+
+
+def test_bad_inputs_are_refused(tmp_path):
+    db = make_db(tmp_path, clustered(10))
+    with pytest.raises(ValueError, match="shape"):
+        with db.writer() as w:
+            w.add("x", "y" * 64, np.zeros((4, 4, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        with db.writer() as w:
+            w.add("x", "y" * 64, np.full(SHAPE, np.nan))
+    src = DatabaseShields(db.snapshot())
+    with pytest.raises(ValueError, match="radius"):
+        src.within(torch.zeros(1, *SHAPE), -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        src.within(torch.zeros(1, 3, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        with db.writer(item_shape=(4, 4, 4)):
+            pass
+    assert len(DatabaseShields(db.snapshot())) == 10  # nothing lost
+
+
+def test_thumbnails_are_stored_and_returned(tmp_path):
+    db = ShieldDatabase(tmp_path / "t")
+    with db.writer(item_shape=SHAPE, thumbnail_size=8) as w:
+        for i in range(3):
+            w.add(f"s{i}", f"{i:064x}", np.full(SHAPE, i, np.float32), np.full((8, 8, 3), 10 * i, np.uint8))
+    src = DatabaseShields(db.snapshot())
+    thumbs = src.thumbnails([2, 0])
+    assert thumbs.dtype == torch.uint8 and thumbs.shape == (2, 8, 8, 3)
+    assert thumbs[0].unique().tolist() == [20] and thumbs[1].unique().tolist() == [0]
