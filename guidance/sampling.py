@@ -244,7 +244,7 @@ class SpellWrapper:
         self.intra_batch, self.exact, self.history = bool(intra_batch), bool(exact), bool(history)
         self.remembered: list = []
         self.runs: list = []
-        self._last_sigma = math.inf
+        self._last_sigma = -math.inf      # a call at a higher sigma than the last one opens a new run
 
     def shield_source(self):
         """Protected shields plus remembered outputs, as one source (None if empty)."""
@@ -259,7 +259,7 @@ class SpellWrapper:
         """Close the current run; with ``history`` its outputs become shields of the next runs."""
         if self.history:
             self.remembered.append(final.detach().float().cpu())
-        self._last_sigma = math.inf
+        self._last_sigma = -math.inf
 
     @property
     def history_steps(self) -> list:
@@ -268,7 +268,7 @@ class SpellWrapper:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x0_hat = self.model(x, sigma)
         s = float(sigma.reshape(-1)[0])
-        if s > self._last_sigma or not self.runs:
+        if s > self._last_sigma:
             self.runs.append(RunRecord())
         self._last_sigma = s
         radius = _schedule_value(self.radius, s, "radius")
