@@ -40,7 +40,7 @@ def open_rgb(path: Path, target: tuple[int, int] | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise UnusableImage(f"{img.width}x{img.height} is larger than {MAX_PIXELS} pixels")
+                    raise UnusableImage(f"too large: {img.width}x{img.height} is more than {MAX_PIXELS} pixels")
                 if target is not None and img.format == "JPEG":
                     img.draft("RGB", (target[0] * 2, target[1] * 2))  # decode huge JPEGs at reduced size
                 img.load()
