@@ -134,9 +134,28 @@ async function checkWorkflows(page) {
     await shot(page, `03_workflow_${name}`);
     await page.evaluate(shrinkInPage, tinyCheckpoint);
     const run = await page.evaluate(queueInPage, 240000);
+    await page.evaluate(fitViewInPage);
+    await page.waitForTimeout(1500);
+    await shot(page, `04_after_run_${name}`);
     result.workflows[name] = { ...loaded, run };
     if (name === "spell_radius_calibration") result.calibration = await calibrationView(page);
   }
+}
+
+/** Runs in the page: zooms so every node is on screen. */
+function fitViewInPage() {
+  const { app } = window.comfyAPI.app;
+  const nodes = app.graph.nodes || app.graph._nodes;
+  const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20;
+  const y0 = Math.min(...nodes.map((n) => n.pos[1] - title)) - 20;
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+  const r = app.canvas.canvas.getBoundingClientRect();
+  const scale = Math.min(1, (r.width - 60) / (x1 - x0), (r.height - 100) / (y1 - y0));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [30 / scale - x0, 60 / scale - y0];
+  app.graph.setDirtyCanvas(true, true);
 }
 
 async function calibrationView(page) {

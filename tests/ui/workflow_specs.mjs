@@ -33,7 +33,7 @@ export const SPECS = [
       sampler: spellSampler(780, 40, { radius: 0.15, intra_batch: true, history: true, history_name: "dogs" }),
       decode: decode(1180, 40),
       save: save(1400, 40, "spell_diverse"),
-      report: { type: "ShieldedSpellReport", pos: [1180, 300], size: [440, 720] },
+      report: { type: "ShieldedSpellReport", pos: [1180, 480], size: [440, 720] },
       note: note(20, 680, "Diverse batch with history (SPELL, Kirchhof et al. 2025).\n\nintra_batch repels each " +
         "image of the batch from the others; history also repels from the outputs of earlier runs named 'dogs', " +
         "so queueing again gives new images. radius is per latent element; start from SPELL Radius Calibration " +
@@ -74,7 +74,7 @@ export const SPECS = [
         widgets: { seed: 7, steps: 30, cfg: 7.0, sampler_name: "euler_ancestral", scheduler: "normal" } },
       decode: decode(1540, 20),
       save: save(1760, 20, "dng"),
-      report: { type: "ShieldedDngReport", pos: [1540, 300], size: [520, 480] },
+      report: { type: "ShieldedDngReport", pos: [1540, 480], size: [520, 480] },
       note: note(20, 860, "Dynamic negative guidance (Koulischer et al. 2025): the concept prompt is pushed away " +
         "with a scale that follows the posterior that the image shows it, so an unrelated concept leaves the " +
         "image alone. DNG Report draws the posterior and scale per sample; its 'after' input makes it run " +
@@ -87,5 +87,33 @@ export const SPECS = [
       ["negative", "CONDITIONING", "sampler", "negative"], ["latent", "LATENT", "sampler", "latent_image"],
       ...outputLinks("sampler"), ["dng", "report", "report", "dng_report"], ["sampler", "LATENT", "report", "after"],
     ],
+  },
+  {
+    file: "particle_guidance_batch",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      positive: text(380, 40, "a photo of a dog in a park, detailed", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      latent: latent(380, 480, 4),
+      particle: { type: "ParticleGuidance", pos: [780, 40],
+        widgets: { mode: "particle guidance", strength: 0.5, space: "pooled NxN", pool_size: 8 } },
+      sampler: { type: "KSampler", pos: [1180, 40], widgets: { seed: 42, control_after_generate: "fixed", steps: 25,
+        cfg: 7.0, sampler_name: "euler", scheduler: "normal" } },
+      plain: { type: "KSampler", pos: [1180, 400], title: "KSampler (same seed, no guidance)",
+        widgets: { seed: 42, control_after_generate: "fixed", steps: 25, cfg: 7.0, sampler_name: "euler",
+          scheduler: "normal" } },
+      decode: decode(1540, 40),
+      decodePlain: decode(1540, 400),
+      save: save(1760, 40, "particle"),
+      savePlain: save(1760, 460, "particle_baseline"),
+      note: note(20, 680, "Particle guidance (Corso et al. 2024) pushes the images of one batch apart; EDDY mode " +
+        "re-couples them without changing each image's distribution. The lower sampler uses the same seed " +
+        "without guidance, for comparison. Batch size 1 has no effect."),
+    },
+    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "particle", "model"], ["particle", "MODEL", "sampler", "model"],
+      ["ckpt", "MODEL", "plain", "model"], ["positive", "CONDITIONING", "plain", "positive"],
+      ["negative", "CONDITIONING", "plain", "negative"], ["latent", "LATENT", "plain", "latent_image"],
+      ...outputLinks("sampler"), ["plain", "LATENT", "decodePlain", "samples"], ["ckpt", "VAE", "decodePlain", "vae"],
+      ["decodePlain", "IMAGE", "savePlain", "images"]],
   },
 ];
