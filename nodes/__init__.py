@@ -9,6 +9,7 @@ NODE_MODULES = [
     "report_nodes",
     "calibration_nodes",
     "dng_nodes",
+    "particle_nodes",
 ]
 
 NODE_CLASS_MAPPINGS = {}

@@ -1,0 +1,159 @@
+""""Particle Guidance" node: batch repulsion (Corso et al.) or its divergence-free form (EDDY) as a MODEL patch.
+
+Pure math lives in ``guidance/particle.py``, ``guidance/eddy.py`` and ``guidance/embeddings.py``; this module
+is the post-CFG hook and the thin node. The hook edits the CFG-combined prediction ``denoised`` of the whole
+batch (k-diffusion convention, ``x = alpha x0 + sigma eps``; ``alpha = 1`` except for flow models):
+
+- particle guidance: ``D' = D + strength * eta * J^T phi`` (see ``guidance.particle``), computed on ``D``;
+- EDDY: ``D' = D + sigma * strength * v`` with ``v = eddy_drift(x, (alpha D - x) / sigma^2)`` computed on the
+  noisy batch ``x``; an Euler step then moves ``x`` by ``strength * v * (sigma - sigma_next)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from ..guidance.eddy import eddy_drift
+from ..guidance.embeddings import make_embedding
+from ..guidance.particle import particle_guidance
+
+LOG = logging.getLogger("shielded_sampling")
+CATEGORY = "sampling/shielded"
+NODE = "Particle Guidance"
+MODES = ("particle guidance", "EDDY")
+SPACES = {"latent": "latent", "pooled NxN": "pooled", "colour": "colour", "edges": "edges"}
+EDDY_PROBES = 1
+
+
+@dataclass
+class ParticleSettings:
+    mode: str
+    strength: float
+    space: str
+    pool_size: int
+    bandwidth: float
+    start_percent: float
+    end_percent: float
+
+    def validate(self):
+        def fail(inp, msg):
+            raise ValueError(f"{NODE}: input '{inp}' {msg}")
+        if self.mode not in MODES:
+            fail("mode", f"must be one of {MODES}, got {self.mode!r}")
+        if self.space not in SPACES:
+            fail("space", f"must be one of {tuple(SPACES)}, got {self.space!r}")
+        if not math.isfinite(self.strength):
+            fail("strength", f"must be a finite number, got {self.strength}")
+        if not (math.isfinite(self.bandwidth) and self.bandwidth >= 0):
+            fail("bandwidth", f"must be >= 0 (0 = median rule), got {self.bandwidth}")
+        if self.pool_size < 1:
+            fail("pool_size", f"must be >= 1, got {self.pool_size}; 8 is a good start")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            fail("start_percent/end_percent", f"must satisfy 0 <= start <= end <= 1 (got {self.start_percent}, "
+                 f"{self.end_percent})")
+
+
+def flow_alpha(model_sampling, sigma: float) -> float:
+    """``alpha`` in ``x = alpha x0 + sigma eps`` of the model (1 for EPS/V, ``1 - sigma`` for flow models)."""
+    one = torch.ones(1, 1)
+    return float(model_sampling.noise_scaling(torch.tensor([sigma]), torch.zeros_like(one), one).flatten()[0])
+
+
+class ParticlePatch:
+    """The post-CFG function; holds only the settings and a once-per-patch log flag (no per-run state)."""
+
+    def __init__(self, settings: ParticleSettings, model_sampling):
+        settings.validate()
+        self.settings = settings
+        self.model_sampling = model_sampling
+        self.embedding = make_embedding(SPACES[settings.space], settings.pool_size)
+        self.sigma_high = float(model_sampling.percent_to_sigma(settings.start_percent))
+        self.sigma_low = float(model_sampling.percent_to_sigma(settings.end_percent))
+        self.logged_single = False
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_low <= sigma <= self.sigma_high and self.settings.strength != 0.0
+
+    def __call__(self, args):
+        denoised = args["denoised"]
+        if denoised.shape[0] < 2:
+            if not self.logged_single:
+                LOG.info("%s: batch size 1, nothing to repel from; the model runs unchanged", NODE)
+                self.logged_single = True
+            return denoised
+        sigma = float(args["sigma"].flatten()[0])
+        if not self.active(sigma) or sigma <= 0:
+            return denoised
+        return denoised + self.correction(denoised, args["input"], sigma).to(denoised.dtype)
+
+    def correction(self, denoised, x, sigma):
+        s = self.settings
+        bandwidth = s.bandwidth or None
+        if s.mode == "particle guidance":
+            return particle_guidance(denoised, s.strength, self.embedding, bandwidth).delta
+        alpha = flow_alpha(self.model_sampling, sigma)
+        score = (alpha * denoised.float() - x.float()) / sigma ** 2
+        # Hutchinson draws (edges only) are seeded by the noise level: reruns are reproducible.
+        gen = torch.Generator().manual_seed(zlib.crc32(repr(round(sigma, 6)).encode()))
+        v = eddy_drift(x, score, self.embedding, bandwidth, probes=EDDY_PROBES, generator=gen)
+        return sigma * s.strength * v.float()
+
+    def apply(self, model):
+        patched = model.clone()
+        patched.set_model_sampler_post_cfg_function(self)
+        return patched
+
+
+class ParticleGuidance:
+    DESCRIPTION = ("Pushes the samples of a batch apart (particle guidance, Corso et al. 2024) or re-couples them "
+                   "with a divergence-free drift that keeps the distribution of every sample (EDDY). "
+                   "Batch size 1: no effect.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch."}),
+            "mode": (list(MODES), {"default": "particle guidance",
+                                   "tooltip": "particle guidance: dense RBF repulsion of the predicted images "
+                                              "(more spread, shifts each sample's distribution). EDDY: "
+                                              "divergence-free drift on the noisy batch that keeps each sample's "
+                                              "distribution exactly (in the exact-score limit); it changes which "
+                                              "image each seed gives, not the expected spread."}),
+            "strength": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Particle guidance: the prediction moves by strength x a "
+                                              "kernel-weighted separation of the samples per step (0.2-1 is "
+                                              "typical). EDDY: factor on the drift added to dx/dsigma."}),
+            "space": (list(SPACES), {"default": "pooled NxN",
+                                     "tooltip": "Where similarity is measured: latent (whole latent; repels little "
+                                                "in high dimension), pooled NxN (coarse layout), colour (2x2 "
+                                                "per-channel means), edges (pooled Sobel magnitude)."}),
+            "pool_size": ("INT", {"default": 8, "min": 1, "max": 128,
+                                  "tooltip": "Grid size N of 'pooled NxN' and 'edges'."}),
+            "bandwidth": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.01,
+                                    "tooltip": "RBF bandwidth h in squared embedding units; 0 = median rule "
+                                               "h = median pairwise squared distance / log(N-1)."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                        "tooltip": "Start of the active window as a fraction of the schedule "
+                                                   "(0 = first step)."}),
+            "end_percent": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.001,
+                                      "tooltip": "End of the active window (Corso et al. stop at sigma = 1, about "
+                                                 "0.6 of an SD1.5 schedule; 1 = last step)."}),
+        }}
+
+    def apply(self, model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent):
+        settings = ParticleSettings(mode=mode, strength=float(strength), space=space, pool_size=int(pool_size),
+                                    bandwidth=float(bandwidth), start_percent=float(start_percent),
+                                    end_percent=float(end_percent))
+        patch = ParticlePatch(settings, model.get_model_object("model_sampling"))
+        return (patch.apply(model),)
+
+
+NODE_CLASS_MAPPINGS = {"ParticleGuidance": ParticleGuidance}
+NODE_DISPLAY_NAME_MAPPINGS = {"ParticleGuidance": "Particle Guidance"}
