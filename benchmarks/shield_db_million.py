@@ -2,7 +2,7 @@
 
 Data is SYNTHETIC and clustered, shaped like SD latents (4 x 32 x 32 = 4096 dims): 1000 cluster centres and
 within-cluster variations are smooth random fields with the natural-image power law (power ~ 1/(1+f)^2 per
-channel), plus white detail; items come in near-duplicate groups of 1-4 (as real image sets do). Queries are
+channel; each item mixes two of 16384 such fields with Gaussian weights), plus white detail (std 0.1); items come in near-duplicate groups of 1-4 (as real image sets do). Queries are
 random shields moved by a random perturbation of norm 0.9 r, so each query ball holds a few shields (its group).
 
 Everything lives under $SHIELD_DB_BENCH (default /tmp/shield_db_bench), never in the repository; stages that
@@ -34,6 +34,7 @@ DIM = int(np.prod(ITEM_SHAPE))
 CLUSTERS = 1000
 CHUNK = 65536
 GEN_CHUNK = 8192
+POOL = 16384
 RADIUS = 20.0
 NLIST = 1000
 ROOT = Path(os.environ.get("SHIELD_DB_BENCH", "/tmp/shield_db_bench"))
@@ -52,21 +53,31 @@ def smooth_fields(gen: torch.Generator, n: int, std: float) -> torch.Tensor:
 
 
 def generate(rows: int, seed: int = 0):
-    """Yield chunks ``(start, fp16 latents [n, 4, 32, 32])`` of the synthetic clustered set."""
+    """Yield chunks ``(start, fp16 latents [n, 4, 32, 32])`` of the synthetic clustered set.
+
+    item = centre[k] + (a * pool[i] + b * pool[j]) + white detail, with ``a, b ~ N(0, 1/2)``: the smooth
+    within-cluster variation mixes two of 16384 precomputed power-law fields (cheap, same spectrum).
+    """
     gen = torch.Generator().manual_seed(seed)
-    centres = smooth_fields(gen, CLUSTERS, 1.0)
+    centres = smooth_fields(gen, CLUSTERS, 1.0).reshape(CLUSTERS, DIM)
+    pool = smooth_fields(gen, POOL, 0.5).reshape(POOL, DIM)
     for start in range(0, rows, GEN_CHUNK):
         n = min(GEN_CHUNK, rows - start)
-        group = torch.randint(1, 5, (n,), generator=gen)
-        leader = torch.zeros(n, dtype=torch.long)
-        i = 0
+        group = torch.randint(1, 5, (n,), generator=gen).tolist()
+        leader, i = np.zeros(n, dtype=np.int64), 0
         while i < n:  # groups of 1-4 near-duplicates of a leader
-            leader[i:i + int(group[i])] = i
-            i += int(group[i])
-        base = centres[torch.randint(0, CLUSTERS, (n,), generator=gen)] + smooth_fields(gen, n, 0.5) \
-            + 0.1 * torch.randn(n, *ITEM_SHAPE, generator=gen)
-        items = base[leader] + 0.05 * torch.randn(n, *ITEM_SHAPE, generator=gen) * (torch.arange(n) != leader)[:, None, None, None]
-        yield start, items.to(torch.float16).numpy()
+            leader[i:i + group[i]] = i
+            i += group[i]
+        leader = torch.from_numpy(leader)
+        w = torch.randn(n, 2, generator=gen) * 0.5 ** 0.5
+        pick = torch.randint(0, POOL, (n, 2), generator=gen)
+        base = centres[torch.randint(0, CLUSTERS, (n,), generator=gen)]
+        base += w[:, :1] * pool[pick[:, 0]] + w[:, 1:] * pool[pick[:, 1]]
+        base += 0.1 * torch.randn(n, DIM, generator=gen)
+        items = base[leader]
+        dup = (torch.arange(n) != leader).nonzero().flatten()
+        items[dup] += 0.05 * torch.randn(len(dup), DIM, generator=gen)
+        yield start, items.reshape(n, *ITEM_SHAPE).to(torch.float16).numpy()
 
 
 def rss_mb() -> dict:

@@ -5,6 +5,7 @@ import logging
 LOG = logging.getLogger("shielded_sampling")
 
 NODE_MODULES = [
+    "shield_loader",
     "spell_nodes",
     "report_nodes",
     "calibration_nodes",

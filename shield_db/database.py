@@ -165,6 +165,12 @@ class ShieldDatabase:
             yield txn
             txn.finish()
 
+    def create_if_missing(self, item_shape, **create) -> None:
+        """Create an empty database unless one exists (nothing else is touched)."""
+        if not self.exists():
+            with self.writer(item_shape=item_shape, **create):
+                pass
+
 
 class Transaction:
     """Changes made under the writer lock; each :meth:`flush` is a crash-safe commit."""
@@ -174,6 +180,7 @@ class Transaction:
         self.folder, self.body = folder, body
         self.commit_rows, self.shard_rows, self.index_dim = commit_rows, shard_rows, index_dim
         self.item_shape = tuple(body["item_shape"])
+        self._initial = manifest.canonical(body)
         self._pending = []  # (source, sha, latent fp16, thumbnail or None, size, mtime_ns)
         self._reindex_items()
 
@@ -295,7 +302,9 @@ class Transaction:
         else:
             self._merge_small_shards(snap)
         self._refresh_index()
-        self._save()
+        self.body["items"] = list(self._by_source.values())
+        if manifest.canonical(self.body) != self._initial:  # an unchanged database is not rewritten
+            self._save()
         self.remove_unreferenced_files()
 
     def _merge_small_shards(self, snap: Snapshot) -> None:

@@ -1,0 +1,142 @@
+"""Shield Set Loader: a folder of protected images -> SHIELD_SET searched exactly through a shield_db database.
+
+Folders are named relative to ComfyUI's ``input/`` or a ``shields`` model folder (``models/shields/`` and any
+``shields:`` entry of ``extra_model_paths.yaml``). Absolute paths are refused unless they lie inside a folder
+listed in ``<ComfyUI>/user/shielded_sampling/allowed_roots.txt`` (one absolute path per line) or in the
+``SHIELD_SET_ALLOWED_ROOTS`` environment variable (os.pathsep separated). The encoded latents are cached in
+``<folder>/.shield_db/`` per VAE, size and resize mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import comfy.utils
+import folder_paths
+
+from ..shield_db.database import ShieldDatabase
+from ..shield_db.folder import database_folder, fingerprint, sync_folder
+from ..shield_db.images import RESIZE_MODES
+from ..shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, read_allow_list, resolve_folder
+from ..shield_db.source import DatabaseShields
+from .shield_set import SHIELD_SET, ShieldSet
+
+LOG = logging.getLogger("shielded_sampling")
+CATEGORY = "sampling/shielded"
+NODE = "Shield Set Loader"
+SHIELDS_FOLDER = "shields"
+THUMBNAIL_SIZE = 48
+FINGERPRINT_SAMPLES = 1024
+_VAE_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+folder_paths.add_model_folder_path(SHIELDS_FOLDER, os.path.join(folder_paths.models_dir, SHIELDS_FOLDER))
+
+
+def allow_list_file() -> Path:
+    return Path(folder_paths.get_user_directory()) / "shielded_sampling" / ALLOWED_ROOTS_FILE
+
+
+def roots() -> list[Path]:
+    return [Path(folder_paths.get_input_directory())] + [Path(p) for p in folder_paths.get_folder_paths(SHIELDS_FOLDER)]
+
+
+def resolve(folder: str) -> Path:
+    hint = f"{allow_list_file()} or ${ALLOWED_ROOTS_ENV}"
+    return resolve_folder(folder, roots(), read_allow_list(allow_list_file()), hint)
+
+
+def vae_fingerprint(vae) -> str:
+    """Hash of the VAE's parameter names, shapes and 1024 evenly spaced values of each (no VAE call)."""
+    if vae in _VAE_FINGERPRINTS:
+        return _VAE_FINGERPRINTS[vae]
+    digest = hashlib.sha256(f"{type(vae.first_stage_model).__name__}:{vae.latent_channels}".encode())
+    for name, tensor in sorted(vae.first_stage_model.state_dict().items()):
+        flat = tensor.detach().flatten()
+        picks = torch.linspace(0, max(0, flat.numel() - 1), min(flat.numel(), FINGERPRINT_SAMPLES)).long()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
+    _VAE_FINGERPRINTS[vae] = digest.hexdigest()[:32]
+    return _VAE_FINGERPRINTS[vae]
+
+
+def latent_shape(vae, width: int, height: int) -> tuple:
+    if getattr(vae, "latent_dim", 2) != 2:
+        raise ValueError(f"{NODE}: input 'vae' is not an image VAE (latent_dim {vae.latent_dim}); connect the VAE "
+                         f"of an image model")
+    ratio = vae.spacial_compression_encode()
+    if width % ratio or height % ratio:
+        raise ValueError(f"{NODE}: width {width} and height {height} must be multiples of the VAE's factor {ratio}")
+    return (vae.latent_channels, height // ratio, width // ratio)
+
+
+def vae_encoder(vae):
+    """``uint8 [B, H, W, 3] -> float32 [B, C, h, w]`` numpy through ComfyUI's VAE (as the VAE Encode node)."""
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(pixels).float() / 255.0
+        return vae.encode(images).float().cpu().numpy()
+    return encode
+
+
+class ShieldSetLoader:
+    DESCRIPTION = ("Encodes a folder of protected images with a VAE into a shield set that SPELL keeps every "
+                   "output away from. Cached on disk: unchanged images are never re-encoded.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (SHIELD_SET, "STRING")
+    RETURN_NAMES = ("shield_set", "report")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": ("STRING", {"default": "shields", "tooltip":
+                       "Folder of protected images, relative to ComfyUI's input/ or models/shields/ (sub-folders "
+                       "included). Absolute paths only inside a root listed in user/shielded_sampling/"
+                       "allowed_roots.txt or $SHIELD_SET_ALLOWED_ROOTS."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the model you sample with: shields live in its latent space."}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8,
+                              "tooltip": "Width the images are resized to before encoding; use your generation width."}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8,
+                               "tooltip": "Height the images are resized to before encoding; use your generation height."}),
+            "resize": (list(RESIZE_MODES), {"default": "center-crop", "tooltip":
+                       "center-crop: cover the target then crop the middle; pad: fit inside with black bars; "
+                       "stretch: ignore the aspect ratio."}),
+            "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
+                                   "tooltip": "Images encoded per VAE call (lower it if the VAE runs out of memory)."}),
+            "rebuild": ("BOOLEAN", {"default": False, "tooltip":
+                        "Discard this folder's cache and encode everything again (use it when the cache is "
+                        "reported corrupt)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, folder, width, height, resize, batch_size, rebuild, **_):
+        if rebuild:
+            return float("nan")
+        try:
+            return fingerprint(resolve(folder), width, height, resize)
+        except ValueError as err:
+            return str(err)
+
+    def load(self, folder, vae, width, height, resize, batch_size, rebuild=False):
+        path = resolve(folder)
+        fp = vae_fingerprint(vae)
+        shape = latent_shape(vae, width, height)
+        bar = comfy.utils.ProgressBar(1)
+        result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
+                             thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,
+                             progress=lambda done, total: bar.update_absolute(done, total))
+        snapshot = ShieldDatabase(result.database).snapshot()
+        source = DatabaseShields(snapshot)
+        name = f"{path.name} ({len(source)} images)"
+        LOG.info("%s: %s: %s", NODE, path, result.summary())
+        shield_set = ShieldSet(source, name=name, thumbnails=source.thumbnails, labels=snapshot.live_sources)
+        return (shield_set, f"{path}: {result.summary()}")
+
+
+NODE_CLASS_MAPPINGS = {"ShieldSetLoader": ShieldSetLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"ShieldSetLoader": NODE}
