@@ -31,7 +31,7 @@ HEIGHT_RANGE = 22.16864013671875     # metres, from terrain_diffusion.TerrainGen
 ASINH_SCALE = 0.1
 # Multistep consistency schedule of the demo and benchmarks. The model is endpoint-distilled: below sigma ~20 it
 # leaves visible noise in its output, so every step stays at high sigma (final texture close to the one-step sample).
-CONSISTENCY_SIGMAS = torch.tensor([80.0, 60.0, 45.0, 30.0, 0.0])
+CONSISTENCY_SIGMAS = torch.tensor([80.0, 64.0, 51.0, 41.0, 33.0, 26.0, 0.0])
 INSTALL_HINT = "pip install --no-deps adaptive-terrain-diffusion==0.4.2 && pip install onnxruntime"
 
 
@@ -112,9 +112,12 @@ _COLOURS = np.array([[40, 110, 170], [70, 160, 90], [150, 190, 100], [200, 175, 
 
 
 def render(x: Union[torch.Tensor, np.ndarray], vmax: Union[float, None] = None) -> np.ndarray:
-    """Hill-shaded colour rendering ``[B, H, W, 3]`` uint8 of model-space terrains (light from the north-west)."""
+    """Hill-shaded colour rendering ``[B, H, W, 3]`` uint8 of model-space terrains (light from the north-west).
+
+    Colours span ``[0, vmax]`` metres, or each terrain's own height range when ``vmax`` is None.
+    """
     h = to_heights(x)
-    top = float(vmax) if vmax else max(float(h.max()), 1e-6)
+    top = np.full((len(h), 1, 1), float(vmax)) if vmax else np.maximum(h.max(axis=(1, 2), keepdims=True), 1e-6)
     frac = np.clip(h / top, 0, 1)
     colour = np.stack([np.interp(frac, _STOPS, _COLOURS[:, c]) for c in range(3)], -1)
     gy, gx = np.gradient(h, axis=(-2, -1))
