@@ -13,16 +13,20 @@ kernel ``k_ij = exp(-||e_i - e_j||^2 / h)``; kernel energy ``E = 1/2 sum_{i != j
 - Through an embedding: ``g_i = J_e(x_i)^T phi_i`` by autograd (vector-Jacobian product).
 
 Where the correction goes (k-diffusion convention ``x = x0 + sigma eps``, denoiser ``D``): particle
-guidance adds ``gamma grad log Phi`` to the score, i.e. ``D' = D + sigma^2 gamma g``. We choose
-``sigma^2 gamma`` so the correction of the *prediction* is scale-free: ``Delta = strength * eta * g`` with
-``eta = (h / 2) * sum_i ||phi_i||^2 / sum_i ||g_i||^2``. In the latent space (``g = phi``) this is
-``Delta_i = strength * sum_j k_ij (x_i - x_j)``, a kernel-weighted separation; for a linear embedding with
-``P P^T = c I`` (average pooling) the embedded prediction moves by exactly ``strength * (h/2) phi_i``, and
-``eta`` is the least-squares scalar for which ``J Delta`` matches that move in general. Rescaling the data
-by ``c`` rescales ``Delta`` by ``c``. An Euler step moves the sample by ``Delta (sigma - sigma_next) / sigma``,
-so the score-space coefficient is ``gamma = strength * eta / sigma^2``: larger at low noise per unit of
-score, constant in effect per unit of ``log sigma``. The sigma window (Corso et al.: only ``sigma > 1``)
-is applied by the caller (``nodes/particle_nodes.py``).
+guidance adds ``gamma grad log Phi`` to the score, i.e. ``D' = D + sigma^2 gamma g``. We use
+
+    Delta = strength * sigma * eta * g,    eta = (sqrt(h) / 2) * sum_i ||phi_i||^2 / sum_i ||g_i||^2,
+
+so ``gamma = strength * eta / sigma``. In the latent space (``g = phi``) this is
+``Delta_i = strength * sigma * sum_j k_ij (x_i - x_j) / sqrt(h)``: a dimensionless kernel-weighted
+direction (order 1, whatever the spread) times the noise level. For a linear embedding with ``P P^T = c I``
+(average pooling) the embedded prediction moves by exactly ``strength * sigma * (sqrt(h)/2) phi_i``; in general
+``eta`` is the least-squares scalar for which ``J Delta`` matches that move. Scaling the data and sigma by
+``c`` scales ``Delta`` by ``c``. An Euler step moves the sample by ``Delta (sigma - sigma_next) / sigma``, i.e. by
+``strength * O(1) * (sigma - sigma_next)``: the push is largest at high noise and does not compound with the
+spread it creates (a push proportional to the current separation grows the spread exponentially). This is
+the scaling of Corso et al.'s latent code, where ``phi`` is computed on the noisy latents (distances ~ sigma).
+The sigma window (Corso et al.: only ``sigma > 1``) is applied by the caller (``nodes/particle_nodes.py``).
 """
 from __future__ import annotations
 
@@ -99,8 +103,9 @@ def embedded_repulsion(x: torch.Tensor, embedding, bandwidth=None):
         return g.detach(), phi, h
 
 
-def particle_guidance(x0: torch.Tensor, strength: float, embedding=None, bandwidth=None) -> ParticleResult:
-    """Particle-guidance correction ``Delta = strength * eta * J^T phi`` of predictions ``x0 [N, ...]``.
+def particle_guidance(x0: torch.Tensor, strength: float, embedding=None, bandwidth=None,
+                      sigma: float = 1.0) -> ParticleResult:
+    """Particle-guidance correction ``Delta = strength * sigma * eta * J^T phi`` of predictions ``x0 [N, ...]``.
 
     ``embedding``: a callable from ``guidance.embeddings`` (default: the latent itself); ``bandwidth``:
     ``h`` in embedding units, ``None``/0 for the median rule. ``N < 2`` gives a zero correction.
@@ -109,6 +114,8 @@ def particle_guidance(x0: torch.Tensor, strength: float, embedding=None, bandwid
         raise ValueError(f"x0 must be a batch [N, ...], got shape {tuple(x0.shape)}")
     if not math.isfinite(float(strength)):
         raise ValueError(f"strength must be a finite number, got {strength!r}")
+    if not (math.isfinite(float(sigma)) and float(sigma) >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     if x0.shape[0] < 2 or float(strength) == 0.0:
         return ParticleResult(torch.zeros_like(x0, dtype=torch.float32), float("nan"))
     embedding = embedding or LatentEmbedding()
@@ -116,5 +123,5 @@ def particle_guidance(x0: torch.Tensor, strength: float, embedding=None, bandwid
     g_sq = g.square().sum()
     if not (g_sq > 0):
         return ParticleResult(torch.zeros_like(g), float(h))
-    eta = 0.5 * h * phi.square().sum() / g_sq
-    return ParticleResult(float(strength) * eta * g, float(h))
+    eta = 0.5 * h.sqrt() * phi.square().sum() / g_sq
+    return ParticleResult(float(strength) * float(sigma) * eta * g, float(h))

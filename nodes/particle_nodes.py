@@ -4,7 +4,7 @@ Pure math lives in ``guidance/particle.py``, ``guidance/eddy.py`` and ``guidance
 is the post-CFG hook and the thin node. The hook edits the CFG-combined prediction ``denoised`` of the whole
 batch (k-diffusion convention, ``x = alpha x0 + sigma eps``; ``alpha = 1`` except for flow models):
 
-- particle guidance: ``D' = D + strength * eta * J^T phi`` (see ``guidance.particle``), computed on ``D``;
+- particle guidance: ``D' = D + strength * sigma * eta * J^T phi`` (see ``guidance.particle``), on ``D``;
 - EDDY: ``D' = D + sigma * strength * v`` with ``v = eddy_drift(x, (alpha D - x) / sigma^2)`` computed on the
   noisy batch ``x``; an Euler step then moves ``x`` by ``strength * v * (sigma - sigma_next)``.
 """
@@ -94,7 +94,7 @@ class ParticlePatch:
         s = self.settings
         bandwidth = s.bandwidth or None
         if s.mode == "particle guidance":
-            return particle_guidance(denoised, s.strength, self.embedding, bandwidth).delta
+            return particle_guidance(denoised, s.strength, self.embedding, bandwidth, sigma=sigma).delta
         alpha = flow_alpha(self.model_sampling, sigma)
         score = (alpha * denoised.float() - x.float()) / sigma ** 2
         # Hutchinson draws (edges only) are seeded by the noise level: reruns are reproducible.
@@ -126,10 +126,11 @@ class ParticleGuidance:
                                               "divergence-free drift on the noisy batch that keeps each sample's "
                                               "distribution exactly (in the exact-score limit); it changes which "
                                               "image each seed gives, not the expected spread."}),
-            "strength": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "Particle guidance: the prediction moves by strength x a "
-                                              "kernel-weighted separation of the samples per step (0.2-1 is "
-                                              "typical). EDDY: factor on the drift added to dx/dsigma."}),
+            "strength": ("FLOAT", {"default": 0.2, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Particle guidance: the prediction moves by strength x sigma x a "
+                                              "kernel-weighted unit-free direction away from the other samples "
+                                              "(0.05-0.5 is typical). EDDY: factor on the divergence-free drift "
+                                              "added to dx/dsigma."}),
             "space": (list(SPACES), {"default": "pooled NxN",
                                      "tooltip": "Where similarity is measured: latent (whole latent; repels little "
                                                 "in high dimension), pooled NxN (coarse layout), colour (2x2 "

@@ -61,22 +61,22 @@ def test_latent_correction_is_kernel_weighted_separation_and_moves_particles_apa
     flat = x.reshape(4, -1)
     h = median_bandwidth(flat)
     k = torch.exp(-torch.cdist(flat, flat).square() / h)
-    expected = 0.5 * (k.sum(1, keepdim=True) * flat - k @ flat)
-    res = particle_guidance(x, 0.5, make_embedding("latent"))
+    expected = 0.5 * 3.0 * (k.sum(1, keepdim=True) * flat - k @ flat) / h.sqrt()
+    res = particle_guidance(x, 0.5, make_embedding("latent"), sigma=3.0)
     torch.testing.assert_close(res.delta.reshape(4, -1), expected.float(), rtol=1e-5, atol=1e-6)
     moved = (flat + res.delta.reshape(4, -1).double())
     assert torch.pdist(moved).mean() > torch.pdist(flat).mean()
 
 
 def test_pooled_correction_moves_the_embedding_by_the_kernel_step():
-    """For average pooling (P P^T = I / area) the embedded prediction moves by exactly strength * h/2 * phi."""
+    """For average pooling (P P^T = I / area) the embedded prediction moves by strength * sigma * sqrt(h)/2 * phi."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(5, 3, 8, 8, generator=gen, dtype=torch.float64)
     emb = make_embedding("pooled", 2)
-    res = particle_guidance(x, 0.3, emb)
+    res = particle_guidance(x, 0.3, emb, sigma=2.0)
     e = emb(x)
     phi = repulsion(e, res.bandwidth)
-    torch.testing.assert_close(emb(x + res.delta.double()) - e, 0.3 * res.bandwidth / 2 * phi,
+    torch.testing.assert_close(emb(x + res.delta.double()) - e, 0.3 * 2.0 * math.sqrt(res.bandwidth) / 2 * phi,
                                rtol=1e-4, atol=1e-7)
 
 
@@ -85,8 +85,8 @@ def test_scale_equivariance():
     x = torch.randn(4, 4, 8, 8, generator=gen, dtype=torch.float64)
     for space in ("latent", "pooled", "edges"):
         emb = make_embedding(space, 4)
-        a = particle_guidance(x, 0.5, emb).delta
-        b = particle_guidance(10 * x, 0.5, emb).delta
+        a = particle_guidance(x, 0.5, emb, sigma=0.7).delta
+        b = particle_guidance(10 * x, 0.5, emb, sigma=7.0).delta
         tol = 2e-2 if space == "edges" else 1e-4   # edges: the eps inside the sqrt breaks exact equivariance
         assert float((b - 10 * a).norm() / b.norm()) < tol, space
 
