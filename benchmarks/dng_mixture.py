@@ -172,8 +172,8 @@ def main():
     target = mix.sample(n, gen, subset=[0, 2])
     t0 = time.time()
     rows = []
-    np_scales = [0.5, 1, 2, 4, 8, 16, 32]
-    dng_scales = [1, 2, 4, 8, 16, 32, 64]
+    np_scales = [0.5, 1, 1.25, 1.5, 2, 4, 8, 16]
+    dng_scales = [1, 2, 3, 4, 8, 16, 32, 64]
     base_params = dict(prior=float(mix.weights[FORBIDDEN]), tau=1.0, delta=0.0, p_min=1e-6, p_max=0.999)
     for lam in np_scales:
         out, _ = run_setting(mix, FORBIDDEN, DngParams(lam0=lam, mode="constant", **base_params), "tracked", n, steps, seed)
