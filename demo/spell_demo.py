@@ -65,16 +65,18 @@ def tile_row(images: np.ndarray, label: str, framed=None, captions=None) -> Imag
 
 
 def draw_grid(shields, plain, spelled, corrected, d_plain, d_spell, radius, path: Path):
+    moved = (spelled - plain).flatten(1).norm(dim=1).tolist()
     rows = [tile_row(render(shields), "shields\n(earlier run)"),
             tile_row(render(plain), "without SPELL", captions=[f"nearest {d:.0f}" for d in d_plain]),
             tile_row(render(spelled), "with SPELL", framed=corrected.tolist(),
-                     captions=[f"nearest {d:.0f}" for d in d_spell])]
+                     captions=[f"nearest {d:.0f}, moved {m:.0f}" for d, m in zip(d_spell, moved)])]
     width = max(r.width for r in rows)
-    title_h = 34
+    title_h = 52
     grid = Image.new("RGB", (width, title_h + sum(r.height for r in rows)), "white")
     ImageDraw.Draw(grid).text(
         (8, 8), f"Terrain consistency model, same seeds. SPELL (intra-batch + shields, r = {radius:.0f}): "
-                f"orange = corrected sample. 'nearest' = L2 distance to the closest peer or shield.",
+                f"orange = SPELL intervened.\n'nearest' = L2 distance to the closest peer or shield; 'moved' = L2 "
+                f"distance to the same seed without SPELL.",
         fill="black", font=font(14))
     y = title_h
     for r in rows:
@@ -91,8 +93,10 @@ def draw_activity(wrapper: SpellWrapper, path: Path):
     rel_mean = [float(r[a].mean()) if a.any() else 0.0 for r, a in zip(rel, run_rec.active_matrix())]
     rel_top = max(max(rel_mean), 1e-12)
     sigmas = [s.sigma for s in run_rec.steps]
+    act = run_rec.active_matrix()
+    cell = 16
     w, h, left, bottom, top = 900, 330, 70, 60, 50
-    img = Image.new("RGB", (w, h), "white")
+    img = Image.new("RGB", (w, h + 40 + cell * act.shape[1]), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), "SPELL activity per denoising step (paper Fig. 5)", fill="black", font=font(16))
     plot_h = h - bottom - top
@@ -112,6 +116,14 @@ def draw_activity(wrapper: SpellWrapper, path: Path):
         d.text((x + 0.5 * slot, h - bottom - r / rel_top * plot_h - 16), f"{100 * r:.2f}%", fill=(60, 110, 200),
                font=font(11))
         d.text((x + 0.2 * slot, h - bottom + 6), f"sigma {s:.0f}", fill="black", font=font(12))
+    y0 = h + 30
+    d.text((10, y0 - 24), "per sample (rows) and step (columns): orange = corrected", fill="black", font=font(13))
+    for b in range(act.shape[1]):
+        d.text((left - 60, y0 + b * cell), f"sample {b + 1}", fill="black", font=font(11))
+        for i in range(act.shape[0]):
+            x = left + i * slot + 0.15 * slot
+            d.rectangle([x, y0 + b * cell + 1, x + 0.7 * slot, y0 + (b + 1) * cell - 2],
+                        fill=ORANGE if act[i, b] else (225, 225, 225))
     d.text((left, h - 28), "orange: share of trajectories corrected (axis)   blue: mean ||correction|| / "
                            "||x - x0_hat|| of corrected ones (% labels, bars scaled to the largest)", fill="black", font=font(12))
     img.save(path)
@@ -124,8 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shields", type=int, default=4, help="outputs of an earlier unguided run used as shields")
     ap.add_argument("--radius-factor", type=float, default=0.6,
                     help="radius as a multiple of the median pairwise distance of the unguided batch")
-    ap.add_argument("--overcompensation", type=float, default=1.0, help="lambda of eq. 5")
-    ap.add_argument("--difficulty", type=int, default=40, help="terrain difficulty label 1..100")
+    ap.add_argument("--overcompensation", type=float, default=1.6, help="lambda of eq. 5 (1.6: the paper's LDM/SD3 value)")
+    ap.add_argument("--difficulty", type=int, default=60, help="terrain difficulty label 1..100")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "demo_output",
                     help="output folder")
     args = ap.parse_args(argv)
