@@ -79,7 +79,8 @@ def vae_encoder(vae):
     """``uint8 [B, H, W, 3] -> float32 [B, C, h, w]`` numpy through ComfyUI's VAE (as the VAE Encode node)."""
     def encode(pixels: np.ndarray) -> np.ndarray:
         images = torch.from_numpy(pixels).float() / 255.0
-        return vae.encode(images).float().cpu().numpy()
+        with torch.inference_mode():
+            return vae.encode(images).detach().float().cpu().numpy()
     return encode
 
 
