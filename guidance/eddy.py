@@ -48,20 +48,22 @@ import math
 import torch
 
 from .embeddings import LatentEmbedding
-from .particle import median_bandwidth, pairwise_sq_distances
+from .particle import median_pair, pairwise_sq_distances
 
 
-def _bandwidth_and_gradient(e: torch.Tensor, bandwidth):
-    """``(h, H = grad_e h)``; the median rule is differentiated (autograd), a fixed bandwidth has ``H = 0``."""
+def _bandwidth_and_gradient(e: torch.Tensor, bandwidth, d2: torch.Tensor):
+    """``(h, H = grad_e h)``: the median rule depends on the median pair ``(a, b)`` only,
+    ``h = ||e_a - e_b||^2 / log(max(N - 1, 2))``; a fixed bandwidth has ``H = 0``."""
     if bandwidth is not None and float(bandwidth) != 0.0:
         if not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0):
             raise ValueError(f"bandwidth must be > 0 (or 0/None for the median rule), got {bandwidth!r}")
         return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device), torch.zeros_like(e)
-    with torch.enable_grad():
-        eg = e.detach().clone().requires_grad_(True)
-        h = median_bandwidth(eg)
-        (grad,) = torch.autograd.grad(h, eg)
-    return h.detach(), grad
+    value, a, b = median_pair(d2)
+    log_n = math.log(max(e.shape[0] - 1, 2))
+    grad = torch.zeros_like(e)
+    grad[a] = 2 * (e[a] - e[b]) / log_n
+    grad[b] = -grad[a]
+    return value / log_n, grad
 
 
 def pair_sum(k: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -140,8 +142,8 @@ def eddy_drift(x: torch.Tensor, score: torch.Tensor, embedding=None, bandwidth=N
     with torch.inference_mode(False):
         x, s = x.detach().to(dtype).clone(), score.detach().to(dtype).clone()
         e = emb(x).detach()
-        h, grad_h = _bandwidth_and_gradient(e, bandwidth)
         d2 = pairwise_sq_distances(e)
+        h, grad_h = _bandwidth_and_gradient(e, bandwidth, d2)
         k = torch.exp(-d2 / h) * (1 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device))
         if emb.linear and divergence != "hutchinson":
             t = _linear_terms(emb, x, e, s, k, d2, h, grad_h)

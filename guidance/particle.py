@@ -43,14 +43,20 @@ def pairwise_sq_distances(e: torch.Tensor) -> torch.Tensor:
     return torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
-def median_bandwidth(e: torch.Tensor) -> torch.Tensor:
-    """Median rule ``h = med_{i<j} ||e_i - e_j||^2 / log(max(N - 1, 2))`` (Corso et al., with a global median)."""
-    n = e.shape[0]
+def median_pair(d2: torch.Tensor):
+    """``(median value, i, j)`` of the pairwise squared distances ``d2 [N, N]`` over ``i < j`` (lower median)."""
+    n = d2.shape[0]
     if n < 2:
         raise ValueError(f"the median bandwidth needs at least 2 particles, got a batch of {n}")
-    iu = torch.triu_indices(n, n, offset=1, device=e.device)
-    d2 = pairwise_sq_distances(e)[iu[0], iu[1]]
-    return d2.median() / math.log(max(n - 1, 2))
+    iu = torch.triu_indices(n, n, offset=1, device=d2.device)
+    value, idx = d2[iu[0], iu[1]].median(0)
+    return value, int(iu[0, idx]), int(iu[1, idx])
+
+
+def median_bandwidth(e: torch.Tensor, d2: torch.Tensor = None) -> torch.Tensor:
+    """Median rule ``h = med_{i<j} ||e_i - e_j||^2 / log(max(N - 1, 2))`` (Corso et al., with a global median)."""
+    value, _, _ = median_pair(pairwise_sq_distances(e) if d2 is None else d2)
+    return value / math.log(max(e.shape[0] - 1, 2))
 
 
 def rbf_kernel(e: torch.Tensor, h) -> torch.Tensor:
@@ -64,9 +70,9 @@ def kernel_energy(e: torch.Tensor, h) -> torch.Tensor:
     return 0.5 * (k.sum() - k.diagonal().sum())
 
 
-def repulsion(e: torch.Tensor, h) -> torch.Tensor:
+def repulsion(e: torch.Tensor, h, d2: torch.Tensor = None) -> torch.Tensor:
     """``phi_i = -grad_{e_i} E = sum_j (2/h) k_ij (e_i - e_j)`` for ``e [N, d]`` (``h`` fixed), as ``[N, d]``."""
-    k = rbf_kernel(e, h)
+    k = rbf_kernel(e, h) if d2 is None else torch.exp(-d2 / h)
     return (2.0 / h) * (k.sum(1, keepdim=True) * e - k @ e)
 
 
@@ -78,9 +84,9 @@ class ParticleResult:
     bandwidth: float
 
 
-def _as_bandwidth(e: torch.Tensor, bandwidth) -> torch.Tensor:
+def _as_bandwidth(e: torch.Tensor, bandwidth, d2=None) -> torch.Tensor:
     if bandwidth is None or float(bandwidth) == 0.0:
-        return median_bandwidth(e)
+        return median_bandwidth(e, d2)
     if not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0):
         raise ValueError(f"bandwidth must be > 0 (or 0/None for the median rule), got {bandwidth!r}")
     return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device)
@@ -92,13 +98,15 @@ def embedded_repulsion(x: torch.Tensor, embedding, bandwidth=None):
         xg = x.detach().float().clone()
         if isinstance(embedding, LatentEmbedding):
             e = embedding(xg)
-            h = _as_bandwidth(e, bandwidth)
-            phi = repulsion(e, h)
+            d2 = pairwise_sq_distances(e)
+            h = _as_bandwidth(e, bandwidth, d2)
+            phi = repulsion(e, h, d2)
             return phi.reshape(x.shape), phi, h
         xg.requires_grad_(True)
         e = embedding(xg)
-        h = _as_bandwidth(e.detach(), bandwidth)
-        phi = repulsion(e.detach(), h)
+        d2 = pairwise_sq_distances(e.detach())
+        h = _as_bandwidth(e.detach(), bandwidth, d2)
+        phi = repulsion(e.detach(), h, d2)
         (g,) = torch.autograd.grad(e, xg, grad_outputs=phi)
         return g.detach(), phi, h
 
