@@ -24,5 +24,5 @@ fi
 echo "[demo] installing numpy, pillow, onnxruntime, adaptive-terrain-diffusion 0.4.2"
 "${PIP[@]}" numpy pillow onnxruntime
 "${PIP[@]}" --no-deps adaptive-terrain-diffusion==0.4.2
-echo "[demo] running (about 1-2 minutes on 2 CPU cores)"
+echo "[demo] running (about a minute of CPU on 2 free cores; longer on a busy machine)"
 exec "$VENV/bin/python" -m demo "$@"
