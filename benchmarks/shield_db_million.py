@@ -107,6 +107,7 @@ def build_ours(rows: int, record: dict) -> ShieldDatabase:
             txn.add_batch(names, [f"{start + i:064x}" for i in range(len(chunk))][keep], chunk[keep])
             print(f"  stored {start + len(chunk)} / {rows}", flush=True)
         txn.flush()
+        (ROOT / "stored.done").touch()  # lets a --ivf-only process start while the feature index is built
         t1 = time.perf_counter()
     record["store_s"] = record.get("store_s", 0.0) + t1 - t0
     record["ours_build_s"] = time.perf_counter() - t1  # checksums + PCA fit + features + IndexFlatL2 add + save
@@ -149,11 +150,11 @@ def build_ivf(snap, record: dict):
 def wait_for_rows(db: ShieldDatabase, rows: int):
     """Block until ``rows`` latents are committed (lets the IVF build run beside shield_db's index build)."""
     while True:  # no lock: the writer holds it for its whole build; manifest renames are atomic, shards immutable
-        if db.exists():
+        if (ROOT / "stored.done").exists():
             snap = Snapshot(db.folder, manifest.load(db.folder), check_sha=False, load_index=False)
             if snap.rows >= rows:
                 return snap
-        time.sleep(20)
+        time.sleep(30)
 
 
 def flat_range(snap, q: np.ndarray, radius: float):

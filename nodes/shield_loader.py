@@ -8,23 +8,19 @@ listed in ``<ComfyUI>/user/shielded_sampling/allowed_roots.txt`` (one absolute p
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import weakref
 from pathlib import Path
-
-import numpy as np
-import torch
 
 import comfy.utils
 import folder_paths
 
 from ..shield_db.database import ShieldDatabase
-from ..shield_db.folder import database_folder, fingerprint, sync_folder
+from ..shield_db.folder import fingerprint, sync_folder
 from ..shield_db.images import RESIZE_MODES
 from ..shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, read_allow_list, resolve_folder
 from ..shield_db.source import DatabaseShields
+from ..shield_db.vae import latent_shape, vae_encoder, vae_fingerprint
 from .shield_set import SHIELD_SET, ShieldSet
 
 LOG = logging.getLogger("shielded_sampling")
@@ -32,8 +28,6 @@ CATEGORY = "sampling/shielded"
 NODE = "Shield Set Loader"
 SHIELDS_FOLDER = "shields"
 THUMBNAIL_SIZE = 48
-FINGERPRINT_SAMPLES = 1024
-_VAE_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 folder_paths.add_model_folder_path(SHIELDS_FOLDER, os.path.join(folder_paths.models_dir, SHIELDS_FOLDER))
 
@@ -49,39 +43,6 @@ def roots() -> list[Path]:
 def resolve(folder: str) -> Path:
     hint = f"{allow_list_file()} or ${ALLOWED_ROOTS_ENV}"
     return resolve_folder(folder, roots(), read_allow_list(allow_list_file()), hint)
-
-
-def vae_fingerprint(vae) -> str:
-    """Hash of the VAE's parameter names, shapes and 1024 evenly spaced values of each (no VAE call)."""
-    if vae in _VAE_FINGERPRINTS:
-        return _VAE_FINGERPRINTS[vae]
-    digest = hashlib.sha256(f"{type(vae.first_stage_model).__name__}:{vae.latent_channels}".encode())
-    for name, tensor in sorted(vae.first_stage_model.state_dict().items()):
-        flat = tensor.detach().flatten()
-        picks = torch.linspace(0, max(0, flat.numel() - 1), min(flat.numel(), FINGERPRINT_SAMPLES)).long()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
-    _VAE_FINGERPRINTS[vae] = digest.hexdigest()[:32]
-    return _VAE_FINGERPRINTS[vae]
-
-
-def latent_shape(vae, width: int, height: int) -> tuple:
-    if getattr(vae, "latent_dim", 2) != 2:
-        raise ValueError(f"{NODE}: input 'vae' is not an image VAE (latent_dim {vae.latent_dim}); connect the VAE "
-                         f"of an image model")
-    ratio = vae.spacial_compression_encode()
-    if width % ratio or height % ratio:
-        raise ValueError(f"{NODE}: width {width} and height {height} must be multiples of the VAE's factor {ratio}")
-    return (vae.latent_channels, height // ratio, width // ratio)
-
-
-def vae_encoder(vae):
-    """``uint8 [B, H, W, 3] -> float32 [B, C, h, w]`` numpy through ComfyUI's VAE (as the VAE Encode node)."""
-    def encode(pixels: np.ndarray) -> np.ndarray:
-        images = torch.from_numpy(pixels).float() / 255.0
-        with torch.inference_mode():
-            return vae.encode(images).detach().float().cpu().numpy()
-    return encode
 
 
 class ShieldSetLoader:

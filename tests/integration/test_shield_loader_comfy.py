@@ -166,3 +166,41 @@ def test_paths_outside_allowed_roots_are_refused(comfy_nodes, loader, tiny_vae, 
     monkeypatch.setenv("SHIELD_SET_ALLOWED_ROOTS", str(outside))
     shield_set, _ = load(loader, str(outside), tiny_vae)
     assert len(shield_set) == 1
+
+
+def test_cli_build_is_reused_by_the_node(comfy_nodes, loader, shields_root, tmp_path):
+    """`python -m shield_db build` with a VAE file (random TAESD, ComfyUI detects it by its keys), then the node
+    loads the same folder with the same VAE file without one VAE call."""
+    import os
+    import subprocess
+    import sys
+
+    import comfy.sd
+    import comfy.utils
+    from comfy.taesd.taesd import TAESD
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(3)
+    sd = {k: (torch.zeros(v.shape) if k.endswith("bias") else torch.randn(v.shape, generator=gen) / max(1, v[0].numel() if v.dim() else 1) ** 0.5)
+          for k, v in TAESD().state_dict().items()}
+    vae_file = tmp_path / "taesd_random.safetensors"
+    save_file(sd, str(vae_file))
+    rng = np.random.default_rng(4)
+    write_images(shields_root / "cli", [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(5)])
+    (shields_root / "cli" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    env = {**os.environ, "PYTHONPATH": str(h.comfy_path())}
+    run = subprocess.run([sys.executable, "-m", "shield_db", "build", str(shields_root / "cli"), "--vae", str(vae_file),
+                          "--width", str(SIZE), "--height", str(SIZE), "--batch-size", "2"],
+                         cwd=h.PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "5 encoded" in run.stdout and "broken.png" in run.stdout
+    assert "6/6 images" in run.stderr  # the terminal progress bar (the broken file counts as processed)
+    check = subprocess.run([sys.executable, "-m", "shield_db", "verify", str(shields_root / "cli")],
+                           cwd=h.PACK_ROOT, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.startswith("OK"), check.stderr
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_file)))
+    calls, restore = counted(vae)
+    try:
+        shield_set, report = load(loader, "cli", vae)
+    finally:
+        restore()
+    assert calls == [] and len(shield_set) == 5 and "broken.png" in report

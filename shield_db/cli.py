@@ -1,0 +1,144 @@
+"""Command line: ``python -m shield_db build|inspect|verify``.
+
+``build`` needs ComfyUI importable (run it with ComfyUI's Python and ``PYTHONPATH=<ComfyUI folder>``, from the
+pack's folder); ``inspect`` and ``verify`` need only this package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import manifest
+from .database import ShieldDatabase
+from .errors import ShieldDatabaseError
+from .folder import CACHE_DIR, database_folder, sync_folder
+from .images import RESIZE_MODES
+from .storage import sha256_file
+
+
+def databases(path: Path) -> list[Path]:
+    """``path`` itself if it is a database, else every cache database of the image folder ``path``."""
+    if manifest.exists(path):
+        return [path]
+    found = sorted(p.parent for p in (path / CACHE_DIR).glob("*/" + manifest.MANIFEST_NAME))
+    if not found:
+        raise ShieldDatabaseError(f"{path} is neither a shield database nor a folder with {CACHE_DIR}/ databases")
+    return found
+
+
+def progress_bar(stream=sys.stderr):
+    start = time.monotonic()
+
+    def show(done: int, total: int):
+        width = 30
+        filled = width * done // max(1, total)
+        rate = done / max(1e-9, time.monotonic() - start)
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images, {rate:.1f}/s")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+    return show
+
+
+def cmd_build(args) -> int:
+    try:
+        import torch
+        import comfy.cli_args
+        if args.cpu or not (torch.cuda.is_available() or getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
+        import comfy.sd
+        import comfy.utils
+    except ImportError:
+        print("build needs ComfyUI: run with ComfyUI's Python and PYTHONPATH=<ComfyUI folder>", file=sys.stderr)
+        return 2
+    from .vae import latent_shape, vae_encoder, vae_fingerprint
+    sd, metadata = comfy.utils.load_torch_file(str(args.vae), safe_load=True, return_metadata=True)
+    vae = comfy.sd.VAE(sd=sd, metadata=metadata)
+    vae.throw_exception_if_invalid()
+    fp = vae_fingerprint(vae)
+    folder = Path(args.folder).resolve()
+    target = args.db or database_folder(folder, fp, args.width, args.height, args.resize)
+    result = sync_folder(folder, vae_encoder(vae), latent_shape(vae, args.width, args.height, "shield_db build"),
+                         args.width, args.height, args.resize, fp, batch_size=args.batch_size,
+                         thumbnail_size=args.thumbnail_size, rebuild=args.rebuild, database=target,
+                         progress=progress_bar())
+    print(f"{result.database}: {result.summary()}")
+    return 0
+
+
+def describe(path: Path) -> dict:
+    db = ShieldDatabase(path)
+    snap = db.snapshot(check_sha=False)
+    body = snap.body
+    return {
+        "database": str(path), "shields": len(snap.live_rows), "items": len(body["items"]), "rows": snap.rows,
+        "dead_rows": snap.rows - len(snap.live_rows), "item_shape": body["item_shape"],
+        "latent_channels": body["latent_channels"], "dtype": body["dtype"], "target": body["target"],
+        "vae_fingerprint": body["vae_fingerprint"], "shards": len(body["shards"]),
+        "index": None if body["index"] is None else {"rows": body["index"]["rows"], "dim": body["index"]["dim"] + 1},
+        "skipped": len(body["skipped"]), "thumbnail_size": body["thumbnail_size"],
+        "bytes_on_disk": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+    }
+
+
+def cmd_inspect(args) -> int:
+    for path in databases(Path(args.path)):
+        print(json.dumps(describe(path), indent=1))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Recompute every checksum (manifest, shards, index) and open the database; exit 1 on any problem."""
+    status = 0
+    for path in databases(Path(args.path)):
+        try:
+            body = manifest.load(path)
+            files = [(e["file"], e["sha256"]) for e in body["shards"]]
+            if body["index"]:
+                files += [(body["index"][k]["file"], body["index"][k]["sha256"]) for k in ("basis", "faiss")]
+            bad = [f for f, sha in files if not (path / f).is_file() or sha256_file(path / f) != sha]
+            if bad:
+                raise ShieldDatabaseError(f"shield database {path}: checksum mismatch or missing: {bad}. Rebuild it with "
+                                          f"`python -m shield_db build --rebuild ...`")
+            ShieldDatabase(path).snapshot()
+            print(f"OK {path}: {len(files)} files verified")
+        except ShieldDatabaseError as err:
+            print(f"FAILED {err}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shield_db", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="encode a folder of images into a database (resumes an interrupted build)")
+    b.add_argument("folder", help="folder of protected images")
+    b.add_argument("--vae", required=True, type=Path, help="VAE file (.safetensors) as in ComfyUI's models/vae/")
+    b.add_argument("--width", type=int, default=512)
+    b.add_argument("--height", type=int, default=512)
+    b.add_argument("--resize", choices=RESIZE_MODES, default="center-crop")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--thumbnail-size", type=int, default=48)
+    b.add_argument("--db", type=Path, default=None, help="database folder (default: <folder>/.shield_db/<key>, "
+                                                         "where the Shield Set Loader looks)")
+    b.add_argument("--rebuild", action="store_true", help="discard the existing database and encode everything")
+    b.add_argument("--cpu", action="store_true", help="encode on the CPU (automatic when no GPU is available)")
+    b.set_defaults(run=cmd_build)
+    for name, run, text in (("inspect", cmd_inspect, "counts, shapes and size on disk"),
+                            ("verify", cmd_verify, "recompute every checksum")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("path", help="a database folder, or an image folder with .shield_db/ databases")
+        c.set_defaults(run=run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ShieldDatabaseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
