@@ -70,10 +70,10 @@ def run_label(model, label_seed: int, batches: int, batch: int, wrapper=None) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--labels", type=int, nargs="+", default=[25, 75], help="difficulty labels (1..100)")
+    ap.add_argument("--labels", type=int, nargs="+", default=[60], help="difficulty labels (1..100)")
     ap.add_argument("--batches", type=int, default=3, help="batches of 8 per label")
     ap.add_argument("--reference-batches", type=int, default=4, help="unguided reference batches per label")
-    ap.add_argument("--factors", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+    ap.add_argument("--factors", type=float, nargs="+", default=[0.3, 0.6, 0.9],
                     help="radii as multiples of the median pairwise distance of unguided outputs")
     ap.add_argument("--quick", action="store_true", help="1 label, 2 batches, 2 reference batches, 2 radii")
     args = ap.parse_args(argv)

@@ -49,12 +49,11 @@ def stats(wrapper):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, default=4, help="batches of 8 per label, in sequence")
-    ap.add_argument("--labels", type=int, nargs="+", default=[40])
+    ap.add_argument("--batches", type=int, default=3, help="batches of 8 per label, in sequence")
+    ap.add_argument("--labels", type=int, nargs="+", default=[60])
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    configs = [("r = 0.5 x median", 0.5, 1.0), ("r = 0.75 x median", 0.75, 1.0),
-               ("r = 0.5 x median, lambda = 2", 0.5, 2.0)]
+    configs = [("r = 0.6 x median", 0.6, 1.0), ("r = 0.6 x median, lambda = 2", 0.6, 2.0)]
     results = {}
     for label in args.labels:
         model = TerrainDenoiser(difficulty=label)

@@ -127,3 +127,37 @@ def test_step_schedule():
     assert [fn(10.0), fn(5.0), fn(3.0), fn(0.5)] == [8.0, 8.0, 4.0, 2.0]
     with pytest.raises(ValueError):
         step_schedule([1.0], [1.0])
+
+
+# ----------------------------------------------------------------------------- the demo's terrain model
+
+def terrain_or_skip():
+    from benchmarks import terrain_model
+    reason = terrain_model.unavailable_reason()
+    if reason:
+        pytest.skip(f"terrain model absent: {reason}")
+    return terrain_model
+
+
+def test_terrain_labels_and_renderer_without_the_model():
+    from benchmarks.terrain_model import difficulty_labels, render, to_heights
+    assert difficulty_labels(1, 2).tolist() == [0.0, 0.0] and difficulty_labels([100], 1).tolist() == [1.0]
+    with pytest.raises(ValueError, match="1..100"):
+        difficulty_labels(0, 1)
+    x = torch.linspace(-1, 1, 2 * 128 * 128).reshape(2, 1, 128, 128)
+    h = to_heights(x)
+    assert h.shape == (2, 128, 128) and h.min() == 0.0
+    img = render(x)
+    assert img.shape == (2, 128, 128, 3) and img.dtype.name == "uint8"
+
+
+def test_terrain_model_is_a_denoiser_for_the_consistency_sampler():
+    tm = terrain_or_skip()
+    model = tm.TerrainDenoiser(difficulty=50, threads=1)
+    noise = torch.randn(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    out = sample(model, noise, torch.tensor([80.0, 40.0, 0.0]), sampler="consistency",
+                 generator=torch.Generator().manual_seed(1))
+    assert out.shape == (1, 1, 128, 128) and model.calls == 2
+    assert out.min() >= -1.0001 and out.max() <= 1.0001 and out.std() > 0.01
+    with pytest.raises(ValueError, match="128"):
+        model(torch.zeros(1, 1, 64, 64), torch.ones(1))
