@@ -75,6 +75,12 @@ def fmt(v: float) -> str:
     return "inf" if not math.isfinite(v) else f"{v:.3g}"
 
 
+def pct(fraction: float) -> str:
+    """A fraction as a percentage with at most 3 significant digits and no exponent."""
+    v = 100 * fraction
+    return f"{v:.0f}%" if abs(v) >= 1000 else f"{v:.3g}%"
+
+
 # -- axes ----------------------------------------------------------------------------------------------
 @dataclass
 class Axes:
@@ -164,8 +170,8 @@ def activity_legend(report, series: dict) -> list[str]:
     peak = max(series["corrected"], default=0)
     batch = max(series["batch"], default=0)
     return [f"corrected samples: peak {peak}/{batch}, on {active} of {len(series['corrected'])} evaluations",
-            f"mean correction / step size: max {100 * max(series['mean'], default=0.0):.3g}%",
-            f"largest single correction: {100 * max(series['max'], default=0.0):.3g}%"]
+            f"mean correction / step size: max {pct(max(series['mean'], default=0.0))}",
+            f"largest single correction: {pct(max(series['max'], default=0.0))}"]
 
 
 def activity_chart(report, width: int = 768, height: int = 400) -> Figure:
@@ -175,7 +181,7 @@ def activity_chart(report, width: int = 768, height: int = 400) -> Figure:
     title = (f"SPELL activity  r = {report.radius_rms:.4g} rms ({report.radius:.4g} L2), "
              f"lambda = {report.overcompensation:.3g}")
     draw_text(fig, draw, (12, 8), title, tfnt, name="title")
-    box = (60, 40, width - 70, height - 110)
+    box = (60, 40, width - 80, height - 110)
     fig.regions["plot"] = box
     series = activity_series(report)
     n = len(series["corrected"])
@@ -187,7 +193,7 @@ def activity_chart(report, width: int = 768, height: int = 400) -> Figure:
     batch = max(series["batch"])
     left = Axes(box, n, 0.0, float(max(1, batch)))
     right = Axes(box, n, 0.0, nice_max(100 * max(series["max"])))
-    draw_axes(fig, draw, left, fnt, lambda v: f"{v:.3g}", series["labels"], right, lambda v: f"{v:.3g}%")
+    draw_axes(fig, draw, left, fnt, lambda v: f"{v:.3g}", series["labels"], right, lambda v: pct(v / 100))
     draw_activity_series(fig, draw, series, left, right)
     draw.text((box[0], box[3] + 22), "model evaluation (label: sampler step; noise high -> low)", font=fnt,
               fill=INK)

@@ -69,6 +69,14 @@ def ensure_installed(comfy: Path):
                        env={**os.environ, "COMFYUI_PATH": str(comfy)}, timeout=600)
 
 
+def protected_images(folder: Path, count: int = 3):
+    """A few small solid-colour PNGs for the Shield Set Loader workflows (folder 'shields' under input/)."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (64, 64), (60 * i + 40, 200 - 50 * i, 90)).save(folder / f"protected_{i}.png")
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,6 +99,7 @@ def server(tmp_path_factory):
     dirs = {name: work / name for name in ("user", "input", "output", "temp")}
     for d in dirs.values():
         d.mkdir()
+    protected_images(dirs["input"] / "shields")
     port = free_port()
     log = work / "server.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

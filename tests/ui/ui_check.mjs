@@ -95,6 +95,9 @@ function shrinkInPage(checkpoint) {
   };
   for (const node of app.graph.nodes || app.graph._nodes) {
     set(node, "ckpt_name", checkpoint);
+    if (node.type === "ShieldSetLoader") {
+      set(node, "width", 64); set(node, "height", 64);
+    }
     if (node.type === "EmptyLatentImage") {
       set(node, "width", 64); set(node, "height", 64);
       const batch = node.widgets.find((x) => x.name === "batch_size");

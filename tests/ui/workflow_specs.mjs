@@ -116,4 +116,63 @@ export const SPECS = [
       ...outputLinks("sampler"), ["plain", "LATENT", "decodePlain", "samples"], ["ckpt", "VAE", "decodePlain", "vae"],
       ["decodePlain", "IMAGE", "savePlain", "images"]],
   },
+  {
+    file: "spell_protect_folder",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      loader: { type: "ShieldSetLoader", pos: [20, 260], size: [340, 230],
+        widgets: { folder: "shields", width: 512, height: 512, resize: "center-crop" } },
+      positive: text(380, 40, "a watercolor painting of a lighthouse at dusk", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      latent: latent(380, 480, 4),
+      sampler: spellSampler(780, 40, { radius: 0.3, intra_batch: false, history: false }),
+      decode: decode(1180, 40),
+      save: save(1400, 40, "spell_protected"),
+      report: { type: "ShieldedSpellReport", pos: [1180, 480], size: [440, 720] },
+      note: note(20, 680, "Protect a folder (SPELL, Kirchhof et al. 2025): put the images to stay away from in " +
+        "ComfyUI/input/shields/ (or models/shields/). Shield Set Loader encodes them once with the VAE and caches " +
+        "the latents; SPELL Sampler then keeps every output at least 'radius' away from each of them. SPELL " +
+        "Report shows each output beside its nearest protected image, with the distance and whether it was " +
+        "repelled. Use the width/height you generate at."),
+    },
+    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "sampler", "model"], ["ckpt", "VAE", "loader", "vae"],
+      ["loader", "shield_set", "sampler", "shield_set"], ...outputLinks("sampler"),
+      ["sampler", "report", "report", "report"], ["decode", "IMAGE", "report", "images"],
+      ["loader", "shield_set", "report", "shield_set"]],
+  },
+  {
+    file: "all_combined",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      loader: { type: "ShieldSetLoader", pos: [20, 260], size: [340, 230],
+        widgets: { folder: "shields", width: 512, height: 512, resize: "center-crop" } },
+      positive: text(380, 20, "a medieval feast in a great hall", "Positive"),
+      negative: text(380, 230, "blurry, low quality", "Negative (CFG)"),
+      concept: text(380, 440, "chalices, candles", "Concept to avoid"),
+      latent: latent(380, 660, 4),
+      dng: { type: "ShieldedDynamicNegativeGuidance", pos: [780, 20],
+        widgets: { scale: 12.0, prior: 0.01, temperature: 0.2, offset: 0.002 } },
+      particle: { type: "ParticleGuidance", pos: [780, 400],
+        widgets: { mode: "particle guidance", strength: 0.3, space: "pooled NxN", pool_size: 8 } },
+      sampler: spellSampler(1180, 20, { radius: 0.2, intra_batch: true, history: true, history_name: "feast" }),
+      decode: decode(1580, 20),
+      save: save(1800, 20, "combined"),
+      report: { type: "ShieldedSpellReport", pos: [1580, 460], size: [440, 720] },
+      dngReport: { type: "ShieldedDngReport", pos: [2060, 460], size: [520, 480] },
+      note: note(20, 860, "Everything at once: the model is patched by Dynamic Negative Guidance (keep the concept " +
+        "out) and Particle Guidance (spread the batch), then SPELL Sampler keeps the outputs away from the " +
+        "protected folder, from each other and from earlier runs ('feast' history). The post-CFG patches run " +
+        "in the order they were applied; SPELL runs last, so its guarantee holds for the final prediction."),
+    },
+    links: [
+      ["ckpt", "CLIP", "positive", "clip"], ["ckpt", "CLIP", "negative", "clip"], ["ckpt", "CLIP", "concept", "clip"],
+      ["ckpt", "VAE", "loader", "vae"], ["ckpt", "MODEL", "dng", "model"], ["concept", "CONDITIONING", "dng", "concept"],
+      ["dng", "MODEL", "particle", "model"], ["particle", "MODEL", "sampler", "model"],
+      ["positive", "CONDITIONING", "sampler", "positive"], ["negative", "CONDITIONING", "sampler", "negative"],
+      ["latent", "LATENT", "sampler", "latent_image"], ["loader", "shield_set", "sampler", "shield_set"],
+      ...outputLinks("sampler"), ["sampler", "report", "report", "report"], ["decode", "IMAGE", "report", "images"],
+      ["loader", "shield_set", "report", "shield_set"], ["dng", "report", "dngReport", "dng_report"],
+      ["sampler", "LATENT", "dngReport", "after"],
+    ],
+  },
 ];
