@@ -142,6 +142,13 @@ def test_front_end_lint():
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_front_end_helpers_unit():
+    run = subprocess.run(["node", "--test", "tests/ui/spell_panel.test.mjs"], cwd=PACK_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "# pass 5" in run.stdout
+
+
 def test_extension_loads_without_console_errors(ui):
     errors = ui["errors"]
     assert errors["extension_loaded"]
