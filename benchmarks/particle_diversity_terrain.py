@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--label", type=int, default=50, help="difficulty label 1..100")
     ap.add_argument("--batches", type=int, default=2, help="batches of 8 per setting")
     ap.add_argument("--reference-batches", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["PG", "EDDY", "SPELL"], choices=["PG", "EDDY", "SPELL"])
+    ap.add_argument("--pg-strengths", type=float, nargs="+", default=PG_STRENGTHS)
+    ap.add_argument("--eddy-strengths", type=float, nargs="+", default=EDDY_STRENGTHS)
+    ap.add_argument("--plot-name", default="particle_diversity_terrain.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     net = inception()
@@ -100,9 +104,10 @@ def main(argv=None) -> int:
     plain = run(model, seeds)
     rows = [measure(net, "unguided", 0.0, plain, ref_feats)]
     med = median_pairwise_distance(plain)
-    settings = ([("PG", s, ParticleWrapper(model, "pg", s)) for s in PG_STRENGTHS]
-                + [("EDDY", s, ParticleWrapper(model, "eddy", s)) for s in EDDY_STRENGTHS]
+    settings = ([("PG", s, ParticleWrapper(model, "pg", s)) for s in args.pg_strengths]
+                + [("EDDY", s, ParticleWrapper(model, "eddy", s)) for s in args.eddy_strengths]
                 + [("SPELL", f, SpellWrapper(model, f * med, intra_batch=True)) for f in SPELL_FACTORS])
+    settings = [st for st in settings if st[0] in args.methods]
     for name, strength, wrapper in settings:
         rows.append(measure(net, name, strength, run(wrapper, seeds), ref_feats))
         print(f"  {name} {strength:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -114,34 +119,36 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['setting']} | {r['strength']:g} | {r['pairwise']:.1f} | {r['vendi']:.3f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} |")
-    plot(rows)
+    plot(rows, args.plot_name)
     return 0
 
 
-def plot(rows):
+def plot(rows, name="particle_diversity_terrain.png"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     base = rows[0]
-    for name, colour in (("PG", "C3"), ("EDDY", "C2"), ("SPELL", "C1")):
-        rs = [base] + [r for r in rows if r["setting"] == name]
+    methods = [m for m in (("PG", "C3"), ("EDDY", "C2"), ("SPELL", "C1")) if any(r["setting"] == m[0] for r in rows)]
+    for method, colour in methods:
+        rs = [base] + [r for r in rows if r["setting"] == method]
         for ax, (xk, yk) in zip(axes[:2], [("precision", "vendi"), ("precision", "pairwise")]):
-            ax.plot([r[xk] for r in rs], [r[yk] for r in rs], "o-", c=colour, label=name)
+            ax.plot([r[xk] for r in rs], [r[yk] for r in rs], "o-", c=colour, label=method)
             for r in rs[1:]:
                 ax.annotate(f"{r['strength']:g}", (r[xk], r[yk]), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
     for ax, yl in zip(axes[:2], ["Vendi (Inception)", "mean pairwise L2"]):
         ax.set_xlabel("precision (proxy)"), ax.set_ylabel(yl), ax.grid(alpha=0.3), ax.legend()
     strongest = [base] + [max((r for r in rows if r["setting"] == n), key=lambda r: r["strength"])
-                          for n in ("PG", "EDDY", "SPELL")]
+                          for n, _ in methods]
     tiles = np.concatenate([np.concatenate(list(render(r["out"][:4], vmax=6.0)), 1) for r in strongest], 0)
     axes[2].imshow(tiles), axes[2].axis("off")
-    axes[2].set_title("rows: unguided, PG, EDDY, SPELL (strongest); first 4 of batch 1", fontsize=9)
+    axes[2].set_title("rows: unguided, " + ", ".join(n for n, _ in methods) + " (strongest); first 4 of batch 1",
+                      fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / "particle_diversity_terrain.png", dpi=100)
-    print(f"plot: {(RESULTS / 'particle_diversity_terrain.png').relative_to(ROOT)}")
+    fig.savefig(RESULTS / name, dpi=100)
+    print(f"plot: {(RESULTS / name).relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
