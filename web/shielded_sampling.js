@@ -67,7 +67,11 @@ function sizedContext(canvas, cssHeight) {
   return { ctx, width };
 }
 
+/** The radius the node uses: the widget's value, or the last run's when the radius comes in through a link. */
 function radiusOf(node) {
+  const linked = node.inputs?.some((i) => i.name === "radius" && i.link !== null && i.link !== undefined);
+  const fromRun = node.shieldedPanel?.activity?.radius_rms;
+  if (linked && Number.isFinite(fromRun)) return fromRun;
   return Number(node.widgets?.find((w) => w.name === "radius")?.value);
 }
 

@@ -182,6 +182,7 @@ def test_extension_widgets_render_with_tooltips(ui):
     assert w["toggleChecked"] is False                               # re-queue is off by default
     assert w["l2"]["text"].startswith("raw L2 radius 2.4 (= 0.15")    # 0.15 x sqrt(4*8*8) for a 64 px latent
     assert w["calibration"]["text"].startswith("calibrated median ")
+    assert w["markerPixels"] > 0                                      # the calibrated median drawn on the scale
     assert w["radius_tooltip"].startswith("Shield radius, resolution-free")   # host tooltip of the slider
     assert ui["calibration"]["text"].startswith("median pairwise distance of")
 

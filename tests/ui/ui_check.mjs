@@ -204,7 +204,14 @@ async function checkWidgets(page) {
     return { l2: pick(".shielded-radius-l2"), scale: pick(".shielded-radius-scale"),
       calibration: pick(".shielded-calibration"), requeue: pick(".shielded-requeue"),
       toggle: pick(".shielded-requeue-toggle"), activity: pick(".shielded-activity"),
-      toggleChecked: document.querySelector(".shielded-requeue-toggle")?.checked };
+      toggleChecked: document.querySelector(".shielded-requeue-toggle")?.checked,
+      markerPixels: (() => {
+        const c = document.querySelector(".shielded-radius-scale");
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 230) < 12 && Math.abs(d[i + 1] - 120) < 12 && Math.abs(d[i + 2] - 30) < 12) n += 1;
+        return n;
+      })() };
   });
   result.widgets = { ...view, expected: TOOLTIPS };
   result.widgets.radius_tooltip = await hoverRadiusTooltip(page);
