@@ -89,6 +89,7 @@ class Axes:
     y_min: float = 0.0
     y_max: float = 1.0
     log: bool = False
+    ticks: list | None = None       # explicit tick values (else 5 even ticks, or decades on a log axis)
 
     def x(self, i: float) -> float:
         x0, _, x1, _ = self.box
@@ -109,6 +110,8 @@ class Axes:
 
 
 def y_ticks(ax: Axes) -> list[float]:
+    if ax.ticks is not None:
+        return ax.ticks
     if ax.log:
         lo, hi = math.ceil(math.log10(ax.y_min)), math.floor(math.log10(ax.y_max))
         return [10.0 ** k for k in range(lo, hi + 1)]
@@ -191,7 +194,8 @@ def activity_chart(report, width: int = 768, height: int = 400) -> Figure:
                   name="empty")
         return fig
     batch = max(series["batch"])
-    left = Axes(box, n, 0.0, float(max(1, batch)))
+    step = max(1, math.ceil(batch / 8))
+    left = Axes(box, n, 0.0, float(max(1, batch)), ticks=[float(k) for k in range(0, max(1, batch) + 1, step)])
     right = Axes(box, n, 0.0, nice_max(100 * max(series["max"])))
     draw_axes(fig, draw, left, fnt, lambda v: f"{v:.3g}", series["labels"], right, lambda v: pct(v / 100))
     draw_activity_series(fig, draw, series, left, right)
