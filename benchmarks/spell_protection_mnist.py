@@ -98,7 +98,13 @@ def settings(r_small: float, r_large: float):
              (f"half: SPELL r={r_large:g} lambda=2 (reference setting)", "half", r_large, 2.0, False, True),
              (f"half: SPELL r={r_small:g} lambda=4", "half", r_small, 4.0, False, True),
              (f"half: SPELL r={r_small:g}, 2r for sigma in [0.5, 5], lambda=2", "half",
-              earlier_radius(r_small, 2.0, 0.5, 5.0), 2.0, False, True)]
+              earlier_radius(r_small, 2.0, 0.5, 5.0), 2.0, False, True),
+             (f"half: SPELL r={r_small:g}, 2r for sigma in [0.5, 5], lambda=4", "half",
+              earlier_radius(r_small, 2.0, 0.5, 5.0), 4.0, False, True),
+             (f"half: SPELL r={r_small:g}, 2r for sigma in [0.5, 5], lambda=8", "half",
+              earlier_radius(r_small, 2.0, 0.5, 5.0), 8.0, False, True),
+             (f"half: SPELL r={r_small:g}, 2r for sigma in [0.5, 10], lambda=4", "half",
+              earlier_radius(r_small, 2.0, 0.5, 10.0), 4.0, False, True)]
     return rows
 
 
