@@ -145,6 +145,10 @@ class DngSession:
         self.key = f"shielded_dng_{id(self)}"
         self.trace = DngTrace.for_params(params)
 
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options; a downstream clone must keep filling this trace.
+        return self
+
     # -- installation --------------------------------------------------------------------------------
     def patch_model(self, model_patcher):
         m = model_patcher.clone()

@@ -137,6 +137,10 @@ class SpellPatch:
         self.key = f"shielded_spell_{id(self)}"
         self.last_report: SpellReport | None = None
 
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options: keep one patch (settings, shields, report) shared.
+        return self
+
     def apply(self, model_patcher):
         m = model_patcher.clone()
         m.set_model_sampler_post_cfg_function(self.post_cfg)

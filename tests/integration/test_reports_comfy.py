@@ -103,10 +103,6 @@ def test_calibration_needs_a_batch(calibration):
         calibration.SpellRadiusCalibration().calibrate({"samples": torch.zeros(1, 4, 8, 8)}, 0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="ModelPatcher.clone() deep-copies model_options, so a node that clones the "
-                   "DNG-patched model (SPELL Sampler, Apply SPELL, Particle Guidance) copies the DngSession bound in "
-                   "its post-CFG function together with its trace: the DNG_REPORT output stays empty. Owner: "
-                   "nodes/dng_nodes.py (keep the trace out of deepcopy, e.g. DngSession.__deepcopy__ returning self)")
 def test_dng_trace_survives_a_spell_sampler_downstream(spell_nodes):
     dng_nodes = h.pack_submodule("nodes.dng_nodes")
     tiny = h.tiny_model()

@@ -217,3 +217,16 @@ def test_history_nodes_re_execute_when_the_history_changes(spell_nodes, history)
     assert spell_nodes.SpellSampler.IS_CHANGED(**kw) != before
     assert spell_nodes.ApplySpell.IS_CHANGED(history=False, history_name="fp") == ""
     history.clear("fp")
+
+
+def test_a_downstream_clone_shares_the_patch_and_its_report(comfy_nodes, spell_nodes, tiny_model):
+    """ModelPatcher.clone() deep-copies model_options: the SPELL patch (and its shields) must not be copied."""
+    from comfyui_shielded_sampling.nodes.spell_hook import SpellPatch
+    shields = spell_nodes.LatentsToShieldSet().build({"samples": torch.randn(4, 4, 4, 4)}, "s")[0]
+    patched = spell_nodes.ApplySpell().apply(tiny_model, **spell_kwargs(shield_set=shields))[0]
+    downstream = patched.clone()
+    mine = [f.__self__ for f in patched.model_options["sampler_post_cfg_function"] if isinstance(getattr(f, "__self__", None), SpellPatch)]
+    theirs = [f.__self__ for f in downstream.model_options["sampler_post_cfg_function"] if isinstance(getattr(f, "__self__", None), SpellPatch)]
+    assert mine and theirs and mine[0] is theirs[0]
+    h.ksample(comfy_nodes, downstream, h.empty_latent(2), steps=STEPS)
+    assert mine[0].last_report is not None and len(mine[0].last_report.steps) >= STEPS
