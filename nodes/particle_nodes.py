@@ -75,6 +75,10 @@ class ParticlePatch:
         self.sigma_low = float(model_sampling.percent_to_sigma(settings.end_percent))
         self.logged_single = False
 
+    def __deepcopy__(self, memo):
+        """``ModelPatcher.clone()`` deep-copies model_options: share this immutable patch (and its log flag)."""
+        return self
+
     def active(self, sigma: float) -> bool:
         return self.sigma_low <= sigma <= self.sigma_high and self.settings.strength != 0.0
 

@@ -72,3 +72,11 @@ def test_bad_input_names_node_and_input(particle_nodes, tiny_model):
         patched(particle_nodes, tiny_model, start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError, match="Particle Guidance: input 'space'"):
         patched(particle_nodes, tiny_model, space="dino")
+
+
+def test_patch_survives_model_clone(particle_nodes, tiny_model):
+    import copy
+    model = patched(particle_nodes, tiny_model)
+    fns = model.clone().model_options["sampler_post_cfg_function"]
+    assert fns[-1] is model.model_options["sampler_post_cfg_function"][-1]
+    assert copy.deepcopy(fns[-1]) is fns[-1]
