@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .database import Snapshot
+from .projection import gamma
 
 DEFAULT_SMALL_SET_ROWS = 4096
 VERIFY_CHUNK_ROWS = 2048
@@ -62,12 +63,32 @@ class DatabaseShields:
             yield part, z, d2
 
     def within_rows(self, queries: torch.Tensor, radius: float) -> np.ndarray:
-        """Sorted live global rows within ``radius`` (closed ball) of at least one query."""
+        """Sorted live global rows within ``radius`` (closed ball) of at least one query.
+
+        Candidates are screened in float64 with ``||q||^2 + ||z||^2 - 2 q.z`` (error ``<= 2 gamma_{D+2}
+        (||q||^2 + ||z||^2)``, Higham); only pairs within that margin of ``r^2`` are recomputed by differences.
+        """
         if not math.isfinite(radius) or radius < 0:
             raise ValueError(f"radius must be finite and >= 0, got {radius}")
         q = self._queries(queries)
-        limit = radius * radius * (1 + ACCEPT_REL)
-        hits = [part[(d2 <= limit).any(0).numpy()] for part, _, d2 in self._exact_sq(q, self._candidate_rows(q, radius))]
+        q64 = torch.from_numpy(q.astype(np.float64))
+        q_sq = q64.square().sum(1)
+        r2 = radius * radius
+        g = gamma(q.shape[1] + 2, 2.0 ** -53)
+        cand = self._candidate_rows(q, radius)
+        hits = []
+        for start in range(0, len(cand), VERIFY_CHUNK_ROWS):
+            part = cand[start:start + VERIFY_CHUNK_ROWS]
+            z64 = torch.from_numpy(self.snapshot.read_rows(part).reshape(len(part), -1).astype(np.float64))
+            z_sq = z64.square().sum(1)
+            scale = q_sq[:, None] + z_sq[None, :]
+            d2 = scale - 2 * (q64 @ z64.T)
+            tol = 2 * g * scale
+            inside = d2 <= r2 - tol
+            unsure = ((d2 - r2).abs() <= tol).nonzero()
+            for b, j in unsure.tolist():
+                inside[b, j] = float((z64[j] - q64[b]).square().sum()) <= r2 * (1 + ACCEPT_REL)
+            hits.append(part[inside.any(0).numpy()])
         found = np.concatenate(hits) if hits else np.zeros(0, np.int64)
         if len(found) > MAX_HITS:
             raise ValueError(f"radius {radius} puts {len(found)} shields (more than {MAX_HITS}) within reach of the "
