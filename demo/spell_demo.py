@@ -9,6 +9,7 @@ trajectories corrected per step and correction size relative to the score, the p
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render, unavailable_reason
 from guidance.metrics import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
+
+LOG = logging.getLogger("shielded_sampling.demo")
 
 ORANGE = (255, 140, 0)
 TILE, PAD, LABEL_W = 128, 8, 150
@@ -130,6 +133,7 @@ def draw_activity(wrapper: SpellWrapper, path: Path):
 
 
 def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8, help="samples per batch")
     ap.add_argument("--seed", type=int, default=7, help="seed of the compared batch")
@@ -165,9 +169,9 @@ def main(argv=None) -> int:
     report = report_text(args, radius, corrected, d_plain, d_spell, wrapper, t_plain, t_spell,
                          time.perf_counter() - t0)
     (args.out / "spell_report.txt").write_text(report)
-    print(report)
-    print(f"Wrote {args.out / 'spell_grid.png'}\n      {args.out / 'spell_activity.png'}\n"
-          f"      {args.out / 'spell_report.txt'}")
+    LOG.info("%s", report)
+    LOG.info("Wrote %s\n      %s\n      %s", args.out / "spell_grid.png", args.out / "spell_activity.png",
+             args.out / "spell_report.txt")
     return 0
 
 
