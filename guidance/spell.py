@@ -34,7 +34,8 @@ from .shields import TensorShields, flatten
 PAIR_BLOCK_ELEMENTS = 16 * 1024 * 1024
 # Relative margin by which exact mode clears a shield, so float rounding cannot leave it on the sphere.
 EXACT_MARGIN = 1e-4
-MAX_EXACT_ROUNDS = 32
+MAX_EXACT_MARGIN = 1e-2
+MAX_EXACT_ROUNDS = 64
 TIE_SEED = 0x5BE11
 
 
@@ -222,18 +223,21 @@ def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_b
 def _exact_rounds(x, final, sets, radius, ties, max_rounds, dtype):
     """Rounds until nothing is inside, judged on the result as it will be returned (cast to ``dtype``).
 
-    Float rounding (of ``x + t u`` at large coordinates, or of the cast to fp16/bf16) can leave a point a
-    hair inside; the clearance margin then grows fourfold per round and by the measured cast error.
+    Two float32 evaluations of the same distance can differ in the last bit, so exact mode asks for a
+    clearance: a result closer than ``r (1 + EXACT_MARGIN / 2)`` to a shield counts as inside and is
+    moved to ``r (1 + margin)``. If float rounding (of ``x + t u`` at large coordinates, or of the cast to
+    fp16/bf16) still leaves it short, the margin grows fourfold per round, up to ``MAX_EXACT_MARGIN``.
     """
+    clearance = radius * (1 + EXACT_MARGIN / 2)
     rounds, margin = 1, EXACT_MARGIN
     while rounds < max_rounds:
         returned = x.to(dtype).float()
-        final = _nearest_known(returned, sets, radius, ties)
-        if not (final < radius).any():
+        final = _nearest_known(returned, sets, clearance, ties)
+        if not (final < clearance).any():
             return returned, final, rounds
         slack = (returned - x).norm(dim=1).max().item()
-        x = exact_round(returned, sets, radius, ties, radius * (1 + margin) + 2 * slack)
-        margin *= 4
+        x = exact_round(returned, sets, clearance, ties, radius * (1 + margin) + 2 * slack)
+        margin = min(margin * 4, MAX_EXACT_MARGIN)
         rounds += 1
     return x, _nearest_known(x.to(dtype).float(), sets, radius, ties), rounds
 

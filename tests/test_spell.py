@@ -239,3 +239,18 @@ def test_concat_sources_offsets_indices():
     cat = ConcatShields([TensorShields(a), TensorShields(b)])
     dist, idx = cat.nearest(torch.full((1, 3), 9.0))
     assert idx.item() >= 2 and len(cat) == 5
+
+
+def test_exact_mode_result_is_outside_by_any_float32_measurement():
+    """Points left exactly on a sphere by eq. 5 can measure one ulp inside with another formula."""
+    g = torch.Generator().manual_seed(12)
+    centres = torch.rand(6, 196, generator=g) * 2 - 1
+    z = centres[torch.randint(0, 6, (400,), generator=g)] + 0.12 * torch.randn(400, 196, generator=g)
+    x0 = z[:32] + 0.05 * torch.randn(32, 196, generator=g)
+    src = TensorShields(z)
+    for r in (1.0, 2.0):
+        res = sparse_repellency(x0, r, shields=src, exact=True)
+        measured, _ = src.nearest(res.denoised)
+        exact64 = torch.cdist(res.denoised.double(), z.double()).min(1).values
+        assert (measured >= r).all() and (exact64 >= r).all() and not res.inside.any()
+        assert res.rounds < spell.MAX_EXACT_ROUNDS
