@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from .errors import ShieldDatabaseError
 from .folder import CACHE_DIR, database_folder, sync_folder
 from .images import RESIZE_MODES
 from .storage import sha256_file
+
+LOG = logging.getLogger("shielded_sampling.shield_db")
 
 
 def databases(path: Path) -> list[Path]:
@@ -52,7 +55,7 @@ def cmd_build(args) -> int:
         import comfy.sd
         import comfy.utils
     except ImportError:
-        print("build needs ComfyUI: run with ComfyUI's Python and PYTHONPATH=<ComfyUI folder>", file=sys.stderr)
+        LOG.error("build needs ComfyUI: run with ComfyUI's Python and PYTHONPATH=<ComfyUI folder>")
         return 2
     from .vae import latent_shape, vae_encoder, vae_fingerprint
     sd, metadata = comfy.utils.load_torch_file(str(args.vae), safe_load=True, return_metadata=True)
@@ -65,7 +68,7 @@ def cmd_build(args) -> int:
                          args.width, args.height, args.resize, fp, batch_size=args.batch_size,
                          thumbnail_size=args.thumbnail_size, rebuild=args.rebuild, database=target,
                          progress=progress_bar())
-    print(f"{result.database}: {result.summary()}")
+    LOG.info("%s: %s", result.database, result.summary())
     return 0
 
 
@@ -86,7 +89,7 @@ def describe(path: Path) -> dict:
 
 def cmd_inspect(args) -> int:
     for path in databases(Path(args.path)):
-        print(json.dumps(describe(path), indent=1))
+        LOG.info("%s", json.dumps(describe(path), indent=1))
     return 0
 
 
@@ -104,9 +107,9 @@ def cmd_verify(args) -> int:
                 raise ShieldDatabaseError(f"shield database {path}: checksum mismatch or missing: {bad}. Rebuild it with "
                                           f"`python -m shield_db build --rebuild ...`")
             ShieldDatabase(path).snapshot()
-            print(f"OK {path}: {len(files)} files verified")
+            LOG.info("OK %s: %d files verified", path, len(files))
         except ShieldDatabaseError as err:
-            print(f"FAILED {err}", file=sys.stderr)
+            LOG.error("FAILED %s", err)
             status = 1
     return status
 
@@ -135,10 +138,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def configure_logging():
+    """Results to stdout, problems to stderr, as plain lines (this is a terminal tool)."""
+    if LOG.handlers:
+        return
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
 def main(argv=None) -> int:
+    configure_logging()
     args = parser().parse_args(argv)
     try:
         return args.run(args)
     except ShieldDatabaseError as err:
-        print(f"error: {err}", file=sys.stderr)
+        LOG.error("error: %s", err)
         return 1
