@@ -7,6 +7,10 @@ batch (k-diffusion convention, ``x = alpha x0 + sigma eps``; ``alpha = 1`` excep
 - particle guidance: ``D' = D + strength * sigma * eta * J^T phi`` (see ``guidance.particle``), on ``D``;
 - EDDY: ``D' = D + sigma * strength * v`` with ``v = eddy_drift(x, (alpha D - x) / sigma^2)`` computed on the
   noisy batch ``x``; an Euler step then moves ``x`` by ``strength * v * (sigma - sigma_next)``.
+
+Start coupling (``guidance/coupling.py``) is a ``SAMPLER_SAMPLE`` wrapper: once per sampler run it replaces the
+unit starting noise (before the sampler scales it by sigma_max) by the exact-marginal coupled noise, then calls
+the sampler. It works alone (strength 0) or with either mode.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..guidance.coupling import couple_noise, design
 from ..guidance.eddy import eddy_drift
 from ..guidance.embeddings import make_embedding
 from ..guidance.particle import particle_guidance
@@ -27,6 +32,8 @@ NODE = "Particle Guidance"
 MODES = ("particle guidance", "EDDY")
 SPACES = {"latent": "latent", "pooled NxN": "pooled", "colour": "colour", "edges": "edges"}
 EDDY_PROBES = 1
+COUPLINGS = {"independent": 0, "spread 1x1 (channel means)": 1, "spread 2x2": 2, "spread 4x4": 4, "spread 8x8": 8}
+SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
 
 
 @dataclass
@@ -38,6 +45,7 @@ class ParticleSettings:
     bandwidth: float
     start_percent: float
     end_percent: float
+    start_coupling: str = "independent"
 
     def validate(self):
         def fail(inp, msg):
@@ -55,6 +63,8 @@ class ParticleSettings:
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             fail("start_percent/end_percent", f"must satisfy 0 <= start <= end <= 1 (got {self.start_percent}, "
                  f"{self.end_percent})")
+        if self.start_coupling not in COUPLINGS:
+            fail("start_coupling", f"must be one of {tuple(COUPLINGS)}, got {self.start_coupling!r}")
 
 
 def flow_alpha(model_sampling, sigma: float) -> float:
@@ -64,7 +74,8 @@ def flow_alpha(model_sampling, sigma: float) -> float:
 
 
 class ParticlePatch:
-    """The post-CFG function; holds only the settings and a once-per-patch log flag (no per-run state)."""
+    """The post-CFG function and the start-coupling sampler wrapper; holds only the settings and a
+    once-per-patch log flag (no per-run state)."""
 
     def __init__(self, settings: ParticleSettings, model_sampling):
         settings.validate()
@@ -74,6 +85,7 @@ class ParticlePatch:
         self.sigma_high = float(model_sampling.percent_to_sigma(settings.start_percent))
         self.sigma_low = float(model_sampling.percent_to_sigma(settings.end_percent))
         self.logged_single = False
+        self.key = f"shielded_particle_{id(self)}"
 
     def __deepcopy__(self, memo):
         """``ModelPatcher.clone()`` deep-copies model_options: share this immutable patch (and its log flag)."""
@@ -106,16 +118,46 @@ class ParticlePatch:
         v = eddy_drift(x, score, self.embedding, bandwidth, probes=EDDY_PROBES, generator=gen)
         return sigma * s.strength * v.float()
 
+    def sampler_wrapper(self, executor, *args, **kwargs):
+        """Runs once per sampler run: the sampler gets the coupled noise (``args`` = guider, sigmas, extra_args,
+        callback, noise, ...), everything else is passed through."""
+        args = list(args)
+        if len(args) > 4:
+            args[4] = self.couple(args[4])
+        else:
+            kwargs["noise"] = self.couple(kwargs["noise"])
+        return executor(*args, **kwargs)
+
+    def couple(self, noise: torch.Tensor) -> torch.Tensor:
+        grid = COUPLINGS[self.settings.start_coupling]
+        if noise.shape[0] < 2:
+            LOG.info("%s: start coupling: batch size 1, the noise is left as it is", NODE)
+            return noise
+        if noise.dim() not in (4, 5):
+            raise ValueError(f"{NODE}: input 'start_coupling' needs image or video latents ([N, C, H, W] or "
+                             f"[N, C, T, H, W]) but this sampler's noise has shape {tuple(noise.shape)}; set "
+                             f"start_coupling to 'independent' for this model")
+        grid = min(grid, noise.shape[-2], noise.shape[-1])
+        m = noise.shape[1] * grid * grid
+        _, kind = design(noise.shape[0], m)
+        LOG.info("%s: start noise coupled on a %dx%d grid (%d coordinates per image, %s, batch %d): every image "
+                 "keeps an exact N(0, I) starting noise, the batch is spread in those coordinates",
+                 NODE, grid, grid, m, kind, noise.shape[0])
+        return couple_noise(noise, grid)
+
     def apply(self, model):
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self)
+        if COUPLINGS[self.settings.start_coupling]:
+            patched.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
         return patched
 
 
 class ParticleGuidance:
     DESCRIPTION = ("Pushes the samples of a batch apart (particle guidance, Corso et al. 2024) or re-couples them "
-                   "with a divergence-free drift that keeps the distribution of every sample (EDDY). "
-                   "Batch size 1: no effect.")
+                   "with a divergence-free drift that keeps the distribution of every sample (EDDY), and/or "
+                   "spreads the batch's starting noises with every image's distribution kept exactly (start "
+                   "coupling). Batch size 1: no effect.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -150,12 +192,22 @@ class ParticleGuidance:
             "end_percent": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.001,
                                       "tooltip": "End of the active window (Corso et al. stop at sigma = 1, about "
                                                  "0.6 of an SD1.5 schedule; 1 = last step)."}),
+            "start_coupling": (list(COUPLINGS), {"default": "independent",
+                                                 "tooltip": "independent: the usual independent starting noises. "
+                                                            "spread GxG: the batch's starting noises are spread "
+                                                            "apart in their coarse GxG layout (per channel; 1x1 = "
+                                                            "channel means) while every image keeps an exactly "
+                                                            "standard-normal noise, so each image is distributed "
+                                                            "exactly as an unguided one. Adds the most spread to "
+                                                            "small batches (2-4). Works with strength 0 (coupling "
+                                                            "alone) and with either mode."}),
         }}
 
-    def apply(self, model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent):
+    def apply(self, model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent,
+              start_coupling="independent"):
         settings = ParticleSettings(mode=mode, strength=float(strength), space=space, pool_size=int(pool_size),
                                     bandwidth=float(bandwidth), start_percent=float(start_percent),
-                                    end_percent=float(end_percent))
+                                    end_percent=float(end_percent), start_coupling=start_coupling)
         patch = ParticlePatch(settings, model.get_model_object("model_sampling"))
         return (patch.apply(model),)
 

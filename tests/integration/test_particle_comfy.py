@@ -16,9 +16,10 @@ def particle_nodes(pack):
 
 
 def patched(particle_nodes, model, mode="particle guidance", strength=1.0, space="latent", pool_size=2,
-            bandwidth=0.0, start_percent=0.0, end_percent=1.0):
+            bandwidth=0.0, start_percent=0.0, end_percent=1.0, start_coupling="independent"):
     node = particle_nodes.ParticleGuidance()
-    return node.apply(model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent)[0]
+    return node.apply(model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent,
+                      start_coupling)[0]
 
 
 def mean_pairwise(latent):
@@ -80,3 +81,99 @@ def test_patch_survives_model_clone(particle_nodes, tiny_model):
     fns = model.clone().model_options["sampler_post_cfg_function"]
     assert fns[-1] is model.model_options["sampler_post_cfg_function"][-1]
     assert copy.deepcopy(fns[-1]) is fns[-1]
+
+
+# -- start coupling ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coupling(pack):
+    return h.pack_submodule("guidance.coupling")
+
+
+def record_noise(model):
+    """A SAMPLER_SAMPLE wrapper added after the node's (so it runs inside it): the noise the sampler receives."""
+    seen = []
+
+    def wrapper(executor, *args, **kwargs):
+        seen.append(args[4].detach().cpu().clone())
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key("sampler_sample", "test_record_noise", wrapper)
+    return seen
+
+
+def coupled_messages(caplog):
+    return sum("start noise coupled" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("mode,strength", [("particle guidance", 0.0), ("particle guidance", 1.0), ("EDDY", 1.0)])
+def test_start_coupling_feeds_the_sampler_the_coupled_noise(comfy_nodes, particle_nodes, coupling, tiny_model,
+                                                              sampler, mode, strength, caplog):
+    import comfy.sample
+    latent = h.empty_latent(4, size=64)                      # 8x8 latent: a 2x2 grid of 4x4 blocks, m = 16
+    independent = patched(particle_nodes, tiny_model, mode=mode, strength=strength, space="pooled NxN")
+    plain = h.ksample(comfy_nodes, independent, latent, seed=3, steps=STEPS, sampler=sampler)
+    model = patched(particle_nodes, tiny_model, mode=mode, strength=strength, space="pooled NxN",
+                    start_coupling="spread 2x2")
+    seen = record_noise(model)
+    with caplog.at_level(logging.INFO, logger="shielded_sampling"):
+        out = h.ksample(comfy_nodes, model, latent, seed=3, steps=STEPS, sampler=sampler)
+    assert coupled_messages(caplog) == 1
+    assert torch.isfinite(out["samples"]).all()
+    assert not torch.allclose(out["samples"], plain["samples"])
+    noise = comfy.sample.prepare_noise(latent["samples"], 3)
+    assert len(seen) == 1 and torch.equal(seen[0], coupling.couple_noise(noise, 2))
+    c, r = coupling.project(seen[0], 2), coupling.project(noise, 2).norm(dim=1)
+    d, _ = coupling.design(4, 16)
+    torch.testing.assert_close(c @ c.t(), r[:, None] * r[None, :] * (d @ d.t()), rtol=0, atol=1e-4)
+    residual = seen[0].double() - coupling.lift(c, noise.shape, 2)
+    torch.testing.assert_close(residual, noise.double() - coupling.lift(coupling.project(noise, 2), noise.shape, 2),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_start_coupling_leaves_a_batch_of_one_unchanged(comfy_nodes, particle_nodes, tiny_model, sampler, caplog):
+    plain = h.ksample(comfy_nodes, tiny_model, h.empty_latent(1), seed=5, steps=STEPS, sampler=sampler)
+    model = patched(particle_nodes, tiny_model, strength=0.0, start_coupling="spread 1x1 (channel means)")
+    with caplog.at_level(logging.INFO, logger="shielded_sampling"):
+        out = h.ksample(comfy_nodes, model, h.empty_latent(1), seed=5, steps=STEPS, sampler=sampler)
+    assert torch.equal(out["samples"], plain["samples"])
+    assert sum("start coupling: batch size 1" in r.getMessage() for r in caplog.records) == 1
+    assert coupled_messages(caplog) == 0
+
+
+def test_start_coupling_logs_once_per_run_and_clamps_the_grid(comfy_nodes, particle_nodes, tiny_model, caplog):
+    model = patched(particle_nodes, tiny_model, strength=0.0, start_coupling="spread 8x8")
+    with caplog.at_level(logging.INFO, logger="shielded_sampling"):
+        for _ in range(2):
+            out = h.ksample(comfy_nodes, model, h.empty_latent(3), seed=2, steps=STEPS)   # 4x4 latent
+    assert torch.isfinite(out["samples"]).all()
+    msgs = [r.getMessage() for r in caplog.records if "start noise coupled" in r.getMessage()]
+    assert len(msgs) == 2 and "4x4 grid (64 coordinates" in msgs[0]
+
+
+def test_start_coupling_with_img2img_and_a_denoise_mask(comfy_nodes, particle_nodes, tiny_model):
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.ones(1, 64, 64)
+    mask[:, :, :32] = 0.0                                    # keep the left half of the image
+    latent = {"samples": torch.randn(3, 4, 8, 8, generator=gen), "noise_mask": mask}
+    model = patched(particle_nodes, tiny_model, strength=0.0, start_coupling="spread 2x2")
+    for extra in ({"denoise": 0.6}, {}):
+        plain = h.ksample(comfy_nodes, tiny_model, latent, seed=4, steps=STEPS, **extra)["samples"]
+        out = h.ksample(comfy_nodes, model, latent, seed=4, steps=STEPS, **extra)["samples"]
+        assert torch.isfinite(out).all()
+        assert not torch.allclose(out[..., 4:], plain[..., 4:])                       # the painted half differs
+        torch.testing.assert_close(out[..., :4], plain[..., :4], rtol=0, atol=1e-5)   # the kept half is kept
+    no_mask = {"samples": latent["samples"]}
+    plain = h.ksample(comfy_nodes, tiny_model, no_mask, seed=4, steps=STEPS, denoise=0.6)["samples"]
+    out = h.ksample(comfy_nodes, model, no_mask, seed=4, steps=STEPS, denoise=0.6)["samples"]
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain)
+
+
+def test_start_coupling_bad_input_and_clone(particle_nodes, tiny_model):
+    with pytest.raises(ValueError, match="Particle Guidance: input 'start_coupling'"):
+        patched(particle_nodes, tiny_model, start_coupling="spread 3x3")
+    model = patched(particle_nodes, tiny_model, start_coupling="spread 2x2")
+    assert "sampler_sample" not in patched(particle_nodes, tiny_model).wrappers   # independent: no wrapper
+    wrappers = model.clone().wrappers["sampler_sample"]
+    assert len(wrappers) == 1 and list(wrappers.values())[0] == list(model.wrappers["sampler_sample"].values())[0]
