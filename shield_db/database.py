@@ -29,6 +29,7 @@ from .errors import CorruptDatabaseError, ShieldDatabaseError
 from .feature_index import FeatureIndex
 from .lock import database_lock
 from .projection import FIT_SAMPLE_ROWS, fit_basis
+from .row_reader import RowReader
 from .storage import map_tensor, sha256_file, tensor_names, write_safetensors_atomic
 
 LOG = logging.getLogger("shielded_sampling")
@@ -67,6 +68,7 @@ class Shard:
         if self.latents.dtype != np.float16 or self.latents.shape != (self.rows, *item_shape):
             raise CorruptDatabaseError(folder, path, f"latents {self.latents.dtype} {self.latents.shape}, expected "
                                                      f"float16 {(self.rows, *item_shape)}")
+        self.latent_reader = RowReader(path, folder, self.latents) if isinstance(self.latents, np.memmap) else None
         self.thumbnails = None
         if thumbnail_size and "thumbnails" in tensor_names(path, folder):
             self.thumbnails = map_tensor(path, folder, "thumbnails")
@@ -116,7 +118,9 @@ class Snapshot:
             pick = np.nonzero(shard_of == s)[0]
             local = rows[pick] - self.offsets[s]
             order = np.argsort(local, kind="stable")
-            out[pick[order]] = getattr(self.shards[s], field)[local[order]]
+            reader = self.shards[s].latent_reader if field == "latents" else None
+            source = reader.read if reader is not None else getattr(self.shards[s], field).__getitem__
+            out[pick[order]] = source(local[order])
         return out
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:

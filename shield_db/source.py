@@ -65,35 +65,48 @@ class DatabaseShields:
     def within_rows(self, queries: torch.Tensor, radius: float) -> np.ndarray:
         """Sorted live global rows within ``radius`` (closed ball) of at least one query.
 
-        Candidates are screened in float64 with ``||q||^2 + ||z||^2 - 2 q.z`` (error ``<= 2 gamma_{D+2}
-        (||q||^2 + ||z||^2)``, Higham); only pairs within that margin of ``r^2`` are recomputed by differences.
+        Candidates are screened in float32 around the queries' mean ``c``: ``d2 = ||q'||^2 + ||z'||^2 - 2 q'.z'``
+        with ``q' = fl(q - c)``, ``z' = fl(z - c)``. Rounding moves ``||q' - z'||`` from ``||q - z||`` by at most
+        ``u (||q - c|| + ||z - c||)`` and ``d2`` from ``||q' - z'||^2`` by at most ``2 gamma_{D+2} (||q'||^2 +
+        ||z'||^2)`` (Higham, any summation order); only pairs these bounds cannot decide are recomputed by
+        float64 differences.
         """
         if not math.isfinite(radius) or radius < 0:
             raise ValueError(f"radius must be finite and >= 0, got {radius}")
         q = self._queries(queries)
-        q64 = torch.from_numpy(q.astype(np.float64))
-        q_sq = q64.square().sum(1)
-        r2 = radius * radius
-        g = gamma(q.shape[1] + 2, 2.0 ** -53)
         cand = self._candidate_rows(q, radius)
-        hits = []
-        for start in range(0, len(cand), VERIFY_CHUNK_ROWS):
-            part = cand[start:start + VERIFY_CHUNK_ROWS]
-            z64 = torch.from_numpy(self.snapshot.read_rows(part).reshape(len(part), -1).astype(np.float64))
-            z_sq = z64.square().sum(1)
-            scale = q_sq[:, None] + z_sq[None, :]
-            d2 = scale - 2 * (q64 @ z64.T)
-            tol = 2 * g * scale
-            inside = d2 <= r2 - tol
-            unsure = ((d2 - r2).abs() <= tol).nonzero()
-            for b, j in unsure.tolist():
-                inside[b, j] = float((z64[j] - q64[b]).square().sum()) <= r2 * (1 + ACCEPT_REL)
-            hits.append(part[inside.any(0).numpy()])
+        hits = [part[inside] for part, inside in self._verified(q, cand, radius)]
         found = np.concatenate(hits) if hits else np.zeros(0, np.int64)
         if len(found) > MAX_HITS:
             raise ValueError(f"radius {radius} puts {len(found)} shields (more than {MAX_HITS}) within reach of the "
                              f"queries; lower the radius")
         return found
+
+    def _verified(self, q: np.ndarray, rows: np.ndarray, radius: float):
+        """Yield ``(rows chunk, bool mask of rows within radius of a query)``: float32 screen, float64 on doubt."""
+        centre = torch.from_numpy(q).mean(0)
+        qc = torch.from_numpy(q) - centre
+        qc_sq = qc.square().sum(1)
+        u, g = 2.0 ** -24, gamma(q.shape[1] + 2, 2.0 ** -24)
+        q_len = qc_sq.double().sqrt() * (1 + 2 * g)
+        for start in range(0, len(rows), VERIFY_CHUNK_ROWS):
+            part = rows[start:start + VERIFY_CHUNK_ROWS]
+            z = torch.from_numpy(self.snapshot.read_rows(part).reshape(len(part), -1)).float()
+            zc = z - centre
+            zc_sq = zc.square().sum(1)
+            scale = (qc_sq[:, None] + zc_sq[None, :]).double()
+            d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
+            slack = 2 * g * scale * (1 + 4 * g) + 1e-300
+            shift = u * (q_len[:, None] + zc_sq.double().sqrt()[None, :] * (1 + 2 * g))
+            upper = (d2 + slack).sqrt() + shift
+            lower = (d2 - slack).clamp_min(0).sqrt() - shift
+            inside = upper <= radius
+            unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
+            if unsure:
+                q64, z64 = torch.from_numpy(q.astype(np.float64)), z.double()
+                for b, j in unsure:
+                    inside[b, j] = float((z64[j] - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
+            yield part, inside.any(0).numpy()
 
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         rows = self.within_rows(queries, radius)

@@ -181,3 +181,39 @@ def test_thumbnails_are_stored_and_returned(tmp_path):
     thumbs = src.thumbnails([2, 0])
     assert thumbs.dtype == torch.uint8 and thumbs.shape == (2, 8, 8, 3)
     assert thumbs[0].unique().tolist() == [20] and thumbs[1].unique().tolist() == [0]
+
+
+def test_far_from_origin_queries_stay_exact(tmp_path):
+    """The float32 screen works around the queries' mean: large common offsets must not cost exactness."""
+    data = (clustered(800, seed=5).astype(np.float32) + 500.0).astype(np.float16)
+    src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
+    q = torch.from_numpy(data[[3, 70, 400]].astype(np.float32))
+    q[0, 2, 1, 1] += 4.0  # exactly 4.0 away from shield 3 (fp16 500-range values + 4 are exact in float32)
+    _, dist = brute_within(data, q, 0)
+    for radius in (4.0, float(dist.sort(1).values[:, 3].max())):
+        assert np.array_equal(src.within_rows(q, radius), brute_within(data, q, radius)[0]), radius
+    assert 3 in src.within_rows(q[:1], 4.0) and 3 not in src.within_rows(q[:1], 4.0 * (1 - 1e-6))
+
+
+@pytest.mark.parametrize("rows", [[], [7], [0, 1, 2, 3], [5, 5, 9], list(range(0, 1200, 3)), list(range(1199, -1, -7))])
+def test_scattered_reads_equal_the_stored_rows(tmp_path, rows):
+    data = clustered(1200, seed=6)
+    db = make_db(tmp_path, data, shard_rows=500)
+    snap = db.snapshot()
+    assert len(snap.shards) >= 2
+    rows = np.array(rows, dtype=np.int64)
+    assert np.array_equal(snap.read_rows(rows), data[rows])
+
+
+def test_shard_truncated_after_opening_is_named(tmp_path):
+    from shield_db.errors import CorruptDatabaseError
+    data = clustered(300, seed=7)
+    snap = make_db(tmp_path, data).snapshot()
+    shard = snap.shards[0].path
+    reader = snap.shards[0].latent_reader
+    if reader is None or reader._fd is None:
+        pytest.skip("positioned reads are not available on this platform (memory map fallback)")
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 4096)
+    with pytest.raises(CorruptDatabaseError, match=shard.name):
+        snap.read_rows(np.arange(snap.shards[0].rows - 10, snap.shards[0].rows))
