@@ -11,7 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from .database import MTIME, SHA, SIZE, ShieldDatabase
+from . import manifest
+from .database import MTIME, SHA, SIZE, SOURCE, ShieldDatabase
+from .lock import database_lock
 from .images import IMAGE_EXTENSIONS, UnusableImage, load_for_encode, thumbnail
 from .storage import sha256_file
 
@@ -48,24 +50,31 @@ class SyncResult:
 def scan(folder: Path) -> tuple[list[FileEntry], list[dict]]:
     """Regular files below ``folder`` (hidden names and the cache excluded), sorted; non-images listed apart."""
     entries, others = [], []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            path = Path(root) / name
-            try:
-                st = path.stat()
-            except OSError as exc:
-                others.append({"source": path.relative_to(folder).as_posix(), "reason": f"unreadable: {exc}", "size": 0, "mtime_ns": 0})
-                continue
-            entry = FileEntry(path.relative_to(folder).as_posix(), path, st.st_size, st.st_mtime_ns)
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                entries.append(entry)
-            else:
-                others.append({"source": entry.source, "reason": f"not an image file ({path.suffix or 'no extension'})",
-                               "size": entry.size, "mtime_ns": entry.mtime_ns})
+    _scan_into(str(folder), "", entries, others)
     return entries, others
+
+
+def _scan_into(directory: str, prefix: str, entries: list, others: list) -> None:
+    with os.scandir(directory) as listing:
+        items = sorted(listing, key=lambda d: d.name)
+    for item in items:
+        if item.name.startswith("."):
+            continue
+        source = prefix + item.name
+        try:
+            if item.is_dir(follow_symlinks=False):
+                _scan_into(item.path, source + "/", entries, others)
+                continue
+            st = item.stat()
+        except OSError as exc:
+            others.append({"source": source, "reason": f"unreadable: {exc}", "size": 0, "mtime_ns": 0})
+            continue
+        extension = os.path.splitext(item.name)[1]
+        if extension.lower() in IMAGE_EXTENSIONS:
+            entries.append(FileEntry(source, Path(item.path), st.st_size, st.st_mtime_ns))
+        else:
+            others.append({"source": source, "reason": f"not an image file ({extension or 'no extension'})",
+                           "size": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
 def fingerprint(folder: Path, *params) -> str:
@@ -121,6 +130,8 @@ def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape
     target = {"width": width, "height": height, "resize": resize}
     entries, others = scan(folder)
     result.skipped.extend(others)
+    if not rebuild and _unchanged(db, entries, others, vae_fingerprint, target, result):
+        return result
     with db.writer(item_shape=item_shape, rebuild=rebuild, vae_fingerprint=vae_fingerprint, target=target,
                    thumbnail_size=thumbnail_size) as txn:
         txn.commit_rows = commit_rows
@@ -138,6 +149,30 @@ def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape
     if result.skipped:
         LOG.warning("Shield Set Loader: %s", result.summary())
     return result
+
+
+def _unchanged(db: ShieldDatabase, entries: list[FileEntry], others: list[dict], vae_fingerprint: str,
+               target: dict, result: SyncResult) -> bool:
+    """True (and ``result`` filled) when the database already lists exactly these files with these stats."""
+    if not db.exists():
+        return False
+    with database_lock(db.folder, exclusive=False, timeout=db.lock_timeout):
+        body = manifest.load(db.folder)
+    if body["vae_fingerprint"] != vae_fingerprint or body["target"] != target:
+        return False
+    stored = {item[SOURCE]: (item[SIZE], item[MTIME]) for item in body["items"]}
+    old_bad = {s["source"]: (s["size"], s["mtime_ns"]) for s in body["skipped"]}
+    images = {e.source: (e.size, e.mtime_ns) for e in entries}
+    now = {**{o["source"]: (o["size"], o["mtime_ns"]) for o in others}, **images}
+    if any(now.get(source) != stat for source, stat in old_bad.items()):
+        return False  # a skipped file changed or went away: try it again / drop it from the list
+    if any(o["source"] not in old_bad for o in others):
+        return False  # a new non-image file: list it
+    if {k: v for k, v in images.items() if k not in old_bad} != stored:
+        return False
+    result.kept = len(stored)
+    result.skipped = list(body["skipped"])
+    return True
 
 
 def _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress):

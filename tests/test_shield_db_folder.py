@@ -206,3 +206,29 @@ def test_paths_outside_the_roots_are_refused(tmp_path, monkeypatch):
         resolve_folder(str(tmp_path), [root], allowed)
     monkeypatch.setenv("SHIELD_SET_ALLOWED_ROOTS", str(tmp_path / "x"))
     assert read_allow_list(None) == [tmp_path / "x"]
+
+
+def test_unchanged_folder_does_not_rewrite_the_database(tmp_path):
+    folder = bad_folder(tmp_path)
+    first = sync(folder, FakeVAE())
+    manifest_file = first.database / "manifest.json"
+    before = manifest_file.stat().st_mtime_ns, manifest_file.read_bytes()
+    again = sync(folder, FakeVAE())
+    assert (manifest_file.stat().st_mtime_ns, manifest_file.read_bytes()) == before
+    assert again.kept == first.kept + first.reused + first.encoded and again.encoded == 0
+    assert sorted(s["source"] for s in again.skipped) == sorted(s["source"] for s in first.skipped)
+
+
+def test_changed_bad_files_and_new_non_images_are_noticed(tmp_path):
+    folder = bad_folder(tmp_path)
+    sync(folder, FakeVAE())
+    save(folder / "cut.png", seed=11)  # the truncated PNG is now a good image
+    (folder / "readme.md").write_text("not an image")
+    vae = FakeVAE()
+    r = sync(folder, vae)
+    assert vae.images == 1 and "cut.png" in DatabaseShields(ShieldDatabase(r.database).snapshot()).sources(
+        range(len(GOOD) + 1))
+    assert "readme.md" in {s["source"] for s in r.skipped} and "cut.png" not in {s["source"] for s in r.skipped}
+    (folder / "readme.md").unlink()
+    r = sync(folder, FakeVAE())
+    assert "readme.md" not in {s["source"] for s in r.skipped}
