@@ -76,6 +76,18 @@ def pair_sum_both(k: torch.Tensor, e: torch.Tensor, q: torch.Tensor) -> torch.Te
     return k.sum(1, keepdim=True) * e * q - e * (k @ q) - q * (k @ e) + k @ (e * q)
 
 
+def _latent_terms(e, s, k, d2, h, grad_h):
+    """``_linear_terms`` for ``P = I`` with the pair sums fused (3 products with ``k``, few ``[N, d]`` temporaries):
+    ``T = e * (k (s - 4/h e) + 2/h (k 1) e) + k (e * (2/h e - s)) - k 1`` (+ the bandwidth term)."""
+    hf = float(h)
+    rows = k.sum(1, keepdim=True)
+    t = torch.addcmul(k @ torch.add(s, e, alpha=-4.0 / hf), rows, e, value=2.0 / hf).mul_(e)
+    t.addmm_(k, torch.add(e, s, alpha=-hf / 2.0).mul_(e), alpha=2.0 / hf).sub_(rows)
+    if grad_h.abs().sum() > 0:
+        t += pair_sum(k * d2 / h ** 2, e, grad_h)
+    return t
+
+
 def _linear_terms(emb, x, e, s, k, d2, h, grad_h):
     """Embedding-space field ``T_i`` (``v_i = P^T T_i``) of a linear embedding, exact divergence."""
     def gram(y):  # P P^T y for embedding-space rows y
@@ -140,11 +152,18 @@ def eddy_drift(x: torch.Tensor, score: torch.Tensor, embedding=None, bandwidth=N
         raise ValueError("an exact EDDY divergence needs a linear embedding (latent, pooled, colour); "
                          "use divergence='hutchinson' for edges")
     with torch.inference_mode(False):
-        x, s = x.detach().to(dtype).clone(), score.detach().to(dtype).clone()
+        latent = isinstance(emb, LatentEmbedding) and divergence != "hutchinson"
+        x, s = x.detach().to(dtype), score.detach().to(dtype)
+        if not latent:
+            x, s = x.clone(), s.clone()
         e = emb(x).detach()
         d2 = pairwise_sq_distances(e)
         h, grad_h = _bandwidth_and_gradient(e, bandwidth, d2)
-        k = torch.exp(-d2 / h) * (1 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device))
+        if not h > 0:                                   # all particles coincide: no direction to rotate along
+            return torch.zeros_like(x)
+        k = torch.exp(-d2 / h).fill_diagonal_(0)
+        if latent:
+            return _latent_terms(e, s.reshape(e.shape), k, d2, h, grad_h).reshape(x.shape)
         if emb.linear and divergence != "hutchinson":
             t = _linear_terms(emb, x, e, s, k, d2, h, grad_h)
         else:

@@ -39,8 +39,15 @@ from .embeddings import LatentEmbedding
 
 
 def pairwise_sq_distances(e: torch.Tensor) -> torch.Tensor:
-    """``||e_i - e_j||^2`` for a batch ``e [N, d]`` (explicit differences, no cancellation)."""
-    return torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist").square()
+    """``||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij`` for a batch ``e [N, d]``, ``G`` the Gram matrix of the rows
+    centred on the batch mean (one matrix product; centring keeps the cancellation at the spread's scale).
+    Symmetric, zero diagonal, clamped at 0."""
+    c = e - e.mean(0, keepdim=True)
+    g = c @ c.t()
+    sq = g.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(0)
+    d2 = 0.5 * (d2 + d2.t())
+    return d2.fill_diagonal_(0)
 
 
 def median_pair(d2: torch.Tensor):
@@ -71,9 +78,11 @@ def kernel_energy(e: torch.Tensor, h) -> torch.Tensor:
 
 
 def repulsion(e: torch.Tensor, h, d2: torch.Tensor = None) -> torch.Tensor:
-    """``phi_i = -grad_{e_i} E = sum_j (2/h) k_ij (e_i - e_j)`` for ``e [N, d]`` (``h`` fixed), as ``[N, d]``."""
+    """``phi_i = -grad_{e_i} E = sum_j (2/h) k_ij (e_i - e_j)`` for ``e [N, d]`` (``h`` fixed), as ``[N, d]``:
+    one product with the kernel's graph Laplacian ``(2/h) (diag(k 1) - k)``."""
     k = rbf_kernel(e, h) if d2 is None else torch.exp(-d2 / h)
-    return (2.0 / h) * (k.sum(1, keepdim=True) * e - k @ e)
+    laplacian = torch.diag(k.sum(1)) - k
+    return (laplacian * (2.0 / h)) @ e
 
 
 @dataclass
@@ -95,14 +104,13 @@ def _as_bandwidth(e: torch.Tensor, bandwidth, d2=None) -> torch.Tensor:
 def embedded_repulsion(x: torch.Tensor, embedding, bandwidth=None):
     """``(g [N, ...] = J_e^T phi, phi [N, d_e], h)`` for particles ``x [N, ...]`` in the embedding's space."""
     with torch.inference_mode(False), torch.enable_grad():
-        xg = x.detach().float().clone()
-        if isinstance(embedding, LatentEmbedding):
-            e = embedding(xg)
+        if isinstance(embedding, LatentEmbedding):      # J = I: no autograd, no copy
+            e = embedding(x.detach().float())
             d2 = pairwise_sq_distances(e)
             h = _as_bandwidth(e, bandwidth, d2)
             phi = repulsion(e, h, d2)
             return phi.reshape(x.shape), phi, h
-        xg.requires_grad_(True)
+        xg = x.detach().float().clone().requires_grad_(True)
         e = embedding(xg)
         d2 = pairwise_sq_distances(e.detach())
         h = _as_bandwidth(e.detach(), bandwidth, d2)
@@ -128,6 +136,10 @@ def particle_guidance(x0: torch.Tensor, strength: float, embedding=None, bandwid
         return ParticleResult(torch.zeros_like(x0, dtype=torch.float32), float("nan"))
     embedding = embedding or LatentEmbedding()
     g, phi, h = embedded_repulsion(x0, embedding, bandwidth)
+    if not h > 0:                                       # all particles coincide: nothing to repel
+        return ParticleResult(torch.zeros_like(g), float(h))
+    if isinstance(embedding, LatentEmbedding):          # g = phi: eta = sqrt(h)/2 exactly
+        return ParticleResult(g.mul_(float(strength) * float(sigma) * 0.5 * float(h.sqrt())), float(h))
     g_sq = g.square().sum()
     if not (g_sq > 0):
         return ParticleResult(torch.zeros_like(g), float(h))

@@ -116,7 +116,7 @@ def _brute_force_eddy(x, s, emb):
     return v.reshape(x.shape)
 
 
-@pytest.mark.parametrize("space", ["pooled", "edges"])
+@pytest.mark.parametrize("space", ["latent", "pooled", "edges"])
 def test_drift_matches_brute_force_matrices(space):
     gen = torch.Generator().manual_seed(4)
     size = 4 if space == "pooled" else 3       # the brute-force second derivatives are slow: keep d small
@@ -124,7 +124,7 @@ def test_drift_matches_brute_force_matrices(space):
     s = torch.randn(3, 1, size, size, generator=gen, dtype=torch.float64)
     emb = make_embedding(space, 2)
     reference = _brute_force_eddy(x, s, emb)
-    if space == "pooled":
+    if space != "edges":
         torch.testing.assert_close(eddy_drift(x, s, emb), reference, rtol=1e-8, atol=1e-10)
     else:
         draws = torch.stack([eddy_drift(x, s, emb, generator=gen, probes=20) for _ in range(10)])
@@ -150,3 +150,35 @@ def test_errors():
         eddy_drift(x, x, make_embedding("edges", 2), divergence="exact")
     with pytest.raises(ValueError, match="shape"):
         eddy_drift(x, x[:2])
+
+
+class FlatEmbedding:
+    """The latent embedding under another name: forces the generic path (autograd Gram and pull-back)."""
+
+    linear = True
+
+    def __call__(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def gram_diag(self, x):
+        return torch.ones(x[0].numel(), dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("bandwidth", [None, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_latent_fast_path_equals_the_generic_linear_path(bandwidth, dtype):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 4, 8, 8, generator=gen, dtype=torch.float64)
+    s = torch.randn(6, 4, 8, 8, generator=gen, dtype=torch.float64)
+    reference = eddy_drift(x, s, FlatEmbedding(), bandwidth)
+    fast = eddy_drift(x.to(dtype), s.to(dtype), make_embedding("latent"), bandwidth)
+    assert fast.dtype == dtype
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(fast.double(), reference, rtol=tol, atol=tol)
+
+
+def test_coinciding_particles_get_zero_not_nan():
+    x = torch.randn(1, 2, 4, 4).repeat(3, 1, 1, 1)
+    for space in ("latent", "pooled", "edges"):
+        v = eddy_drift(x, torch.randn(3, 2, 4, 4), make_embedding(space, 2))
+        assert torch.count_nonzero(v) == 0, space

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from guidance.embeddings import make_embedding
-from guidance.particle import (kernel_energy, median_bandwidth, particle_guidance, repulsion)
+from guidance.particle import (kernel_energy, median_bandwidth, pairwise_sq_distances, particle_guidance,
+                               repulsion)
 
 
 def test_repulsion_is_minus_finite_difference_gradient_of_kernel_energy():
@@ -100,3 +101,58 @@ def test_fixed_bandwidth_and_errors():
         make_embedding("dino")
     with pytest.raises(ValueError, match="images"):
         make_embedding("pooled", 2)(torch.randn(3, 5))
+
+
+class FlatEmbedding:
+    """The latent embedding under another name: forces the generic autograd path (reference for the fast path)."""
+
+    linear = True
+
+    def __call__(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def gram_diag(self, x):
+        return torch.ones(x[0].numel(), dtype=x.dtype, device=x.device)
+
+
+def explicit_sq_distances(e):
+    return (e[:, None, :] - e[None, :, :]).square().sum(-1)
+
+
+def test_pairwise_sq_distances_match_explicit_differences():
+    gen = torch.Generator().manual_seed(6)
+    e = torch.randn(7, 300, generator=gen, dtype=torch.float64) + 50.0       # a large common offset
+    d2 = pairwise_sq_distances(e)
+    torch.testing.assert_close(d2, explicit_sq_distances(e), rtol=1e-12, atol=1e-9)
+    assert torch.equal(d2, d2.t()) and torch.count_nonzero(d2.diagonal()) == 0
+    e32 = (torch.randn(16, 4 * 32 * 32, generator=gen) * 5 + 3.0)
+    ref = explicit_sq_distances(e32.double())
+    assert float(((pairwise_sq_distances(e32).double() - ref).abs() / ref.max()).max()) < 1e-5
+    same = torch.ones(3, 5)
+    assert torch.equal(pairwise_sq_distances(same), torch.zeros(3, 3))
+
+
+def test_repulsion_equals_the_pair_sum():
+    gen = torch.Generator().manual_seed(7)
+    e = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    h = 1.7
+    k = torch.exp(-explicit_sq_distances(e) / h)
+    ref = torch.stack([sum((2 / h) * k[i, j] * (e[i] - e[j]) for j in range(6)) for i in range(6)])
+    torch.testing.assert_close(repulsion(e, h), ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bandwidth", [None, 3.0])
+def test_latent_fast_path_equals_the_generic_autograd_path(bandwidth):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 4, 8, 8, generator=gen, dtype=torch.float64)
+    fast = particle_guidance(x, 0.4, make_embedding("latent"), bandwidth, sigma=2.5)
+    generic = particle_guidance(x, 0.4, FlatEmbedding(), bandwidth, sigma=2.5)
+    assert fast.bandwidth == pytest.approx(generic.bandwidth, rel=1e-6)
+    torch.testing.assert_close(fast.delta, generic.delta, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("space", ["latent", "pooled", "edges"])
+def test_coinciding_particles_get_zero_not_nan(space):
+    x = torch.randn(1, 4, 8, 8).repeat(3, 1, 1, 1)
+    out = particle_guidance(x, 1.0, make_embedding(space, 4)).delta
+    assert torch.count_nonzero(out) == 0
