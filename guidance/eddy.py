@@ -52,18 +52,25 @@ from .particle import median_pair, pairwise_sq_distances
 
 
 def _bandwidth_and_gradient(e: torch.Tensor, bandwidth, d2: torch.Tensor):
-    """``(h, H = grad_e h)``: the median rule depends on the median pair ``(a, b)`` only,
-    ``h = ||e_a - e_b||^2 / log(max(N - 1, 2))``; a fixed bandwidth has ``H = 0``."""
+    """``(h, H)`` with ``H = grad_e h``: the median rule depends on the median pair ``(a, b)`` only,
+    ``h = ||e_a - e_b||^2 / log(max(N - 1, 2))``, so ``H`` is ``(a, b, H_a)`` (rows a and b, ``H_b = -H_a``, all
+    other rows 0); a fixed bandwidth has ``H = None``."""
     if bandwidth is not None and float(bandwidth) != 0.0:
         if not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0):
             raise ValueError(f"bandwidth must be > 0 (or 0/None for the median rule), got {bandwidth!r}")
-        return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device), torch.zeros_like(e)
+        return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device), None
     value, a, b = median_pair(d2)
     log_n = math.log(max(e.shape[0] - 1, 2))
-    grad = torch.zeros_like(e)
-    grad[a] = 2 * (e[a] - e[b]) / log_n
-    grad[b] = -grad[a]
-    return value / log_n, grad
+    return value / log_n, (a, b, 2 * (e[a] - e[b]) / log_n)
+
+
+def dense_gradient(grad_h, e: torch.Tensor) -> torch.Tensor:
+    """``H`` as an ``[N, d_e]`` tensor (zeros for a fixed bandwidth)."""
+    out = torch.zeros_like(e)
+    if grad_h is not None:
+        a, b, row = grad_h
+        out[a], out[b] = row, -row
+    return out
 
 
 def pair_sum(k: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -83,8 +90,12 @@ def _latent_terms(e, s, k, d2, h, grad_h):
     rows = k.sum(1, keepdim=True)
     t = torch.addcmul(k @ torch.add(s, e, alpha=-4.0 / hf), rows, e, value=2.0 / hf).mul_(e)
     t.addmm_(k, torch.add(e, s, alpha=-hf / 2.0).mul_(e), alpha=2.0 / hf).sub_(rows)
-    if grad_h.abs().sum() > 0:
-        t += pair_sum(k * d2 / h ** 2, e, grad_h)
+    if grad_h is not None:            # sum_j c_ij (e_i - e_j) * H_j, only j = a, b: H_a * (c_ia (e_i - e_a) - c_ib (e_i - e_b))
+        a, b, row = grad_h
+        c = k * d2 / h ** 2
+        w = e * (c[:, a] - c[:, b])[:, None]
+        w.addr_(c[:, a], e[a], alpha=-1).addr_(c[:, b], e[b])
+        t.addcmul_(w, row[None, :])
     return t
 
 
@@ -101,8 +112,8 @@ def _linear_terms(emb, x, e, s, k, d2, h, grad_h):
     es = emb(s)                                        # P s_j
     score_part = pair_sum(k, e, es)
     div_part = (2.0 / h) * pair_sum_both(k, e, gram(e)) - k.sum(1, keepdim=True) * emb.gram_diag(x)[None, :]
-    if grad_h.abs().sum() > 0:
-        div_part = div_part + pair_sum(k * d2 / h ** 2, e, gram(grad_h))
+    if grad_h is not None:
+        div_part = div_part + pair_sum(k * d2 / h ** 2, e, gram(dense_gradient(grad_h, e)))
     return score_part + div_part
 
 
@@ -116,6 +127,7 @@ def _directional(emb, x, z):
 
 def _hutchinson_terms(emb, x, e, s, k, d2, h, grad_h, probes, generator):
     """Embedding-space field ``T_i`` (``v_i = J_i^T T_i``) with a Hutchinson estimate of the divergence."""
+    grad_h = dense_gradient(grad_h, e)
     _, js, _ = _directional(emb, x, s)                  # J_j s_j (exact JVP)
     total = pair_sum(k, e, js)
     acc = torch.zeros_like(e)
