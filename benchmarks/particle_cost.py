@@ -7,7 +7,12 @@ ONNX on CPU, 128x128x1, batch 16). One "step" = one denoiser call; the plain, PG
 interleaved round by round in one process so machine-load noise hits all of them alike; ratio = median
 guided step time / median plain step time.
 (2) Guidance alone, no model, on SD-sized latents (4x64x64 = SD1.5 at 512 px, 4x128x128 = SDXL at 1024 px,
-batch 16), median of 20 calls: add this to your own model's step time to get the ratio on your machine.
+batch 16), median of 20 calls: add this to your own model's step time to get the ratio on your machine. Also
+the pooled 8x8 space (the node's default; autograd pull-back) and the start coupling (``couple_noise``, 4x4
+grid), which runs once per sampler run, not per step.
+
+Run it on an idle machine (the numbers in BENCHMARKS.md were taken under ``flock /tmp/bench.lock`` at a load
+average below 1.5).
 """
 from __future__ import annotations
 
@@ -23,19 +28,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
 
 from benchmarks.terrain_model import TerrainDenoiser, unavailable_reason  # noqa: E402
+from guidance.coupling import couple_noise  # noqa: E402
 from guidance.eddy import eddy_drift  # noqa: E402
 from guidance.embeddings import make_embedding  # noqa: E402
 from guidance.particle import particle_guidance  # noqa: E402
 
 LATENT = make_embedding("latent")
+POOLED = make_embedding("pooled", 8)
 
 
-def pg_step(x, d, sigma):
-    return d + particle_guidance(d, 0.2, LATENT, sigma=sigma).delta
+def pg_step(x, d, sigma, emb=LATENT):
+    return d + particle_guidance(d, 0.2, emb, sigma=sigma).delta
 
 
-def eddy_step(x, d, sigma):
-    return d + sigma * 0.2 * eddy_drift(x, (d - x) / sigma ** 2, LATENT)
+def eddy_step(x, d, sigma, emb=LATENT):
+    return d + sigma * 0.2 * eddy_drift(x, (d - x) / sigma ** 2, emb)
 
 
 def timed(fn):
@@ -62,35 +69,43 @@ def guidance_only(shape, calls=20):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen) * 5
     d = torch.randn(*shape, generator=gen)
+    variants = {"PG": lambda: pg_step(x, d, 5.0), "EDDY": lambda: eddy_step(x, d, 5.0),
+                "PG pooled": lambda: pg_step(x, d, 5.0, POOLED), "EDDY pooled": lambda: eddy_step(x, d, 5.0, POOLED),
+                "coupling": lambda: couple_noise(d, 4)}
     out = {}
-    for name, fn in (("PG", pg_step), ("EDDY", eddy_step)):
-        fn(x, d, 5.0)
-        out[name] = statistics.median(timed(lambda: fn(x, d, 5.0)) for _ in range(calls))
+    for name, fn in variants.items():
+        fn()
+        out[name] = statistics.median(timed(fn) for _ in range(calls))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print("Guidance alone (latent mode, batch 16, median of 20 calls):")
-    print("| latent | PG ms | EDDY ms |")
-    print("|---|---|---|")
-    for shape in ((16, 4, 64, 64), (16, 4, 128, 128)):
-        t = guidance_only(shape)
-        print(f"| {'x'.join(map(str, shape[1:]))} | {t['PG'] * 1e3:.1f} | {t['EDDY'] * 1e3:.1f} |")
+    print("Guidance alone (batch 16, median of 20 calls):")
+    print("| latent | PG latent ms | EDDY latent ms | PG pooled 8x8 ms | EDDY pooled 8x8 ms | start coupling 4x4 ms "
+          "(once per run) |")
+    print("|---|---|---|---|---|---|")
+    alone = {}
+    for shape in ((16, 1, 128, 128), (16, 4, 64, 64), (16, 4, 128, 128)):
+        t = alone[shape] = {k: v * 1e3 for k, v in guidance_only(shape).items()}
+        print(f"| {'x'.join(map(str, shape[1:]))} | {t['PG']:.2f} | {t['EDDY']:.2f} | {t['PG pooled']:.2f} | "
+              f"{t['EDDY pooled']:.2f} | {t['coupling']:.2f} |")
     reason = unavailable_reason()
     if reason:
         print(f"\nreal-model ratio skipped: {reason}")
         return
     t = real_model(args.rounds)
+    terrain = alone[(16, 1, 128, 128)]
     print(f"\nReal model: terrain consistency UNet (ONNX, CPU), batch 16 x 1x128x128, median of {args.rounds} "
-          "interleaved rounds:")
-    print("| variant | s / step | ratio vs plain |")
-    print("|---|---|---|")
+          "interleaved rounds; 'resolved ratio' = 1 + guidance alone (same latent shape) / plain step:")
+    print("| variant | s / step | interleaved ratio vs plain | resolved ratio |")
+    print("|---|---|---|---|")
     for k in ("plain", "PG", "EDDY"):
-        print(f"| {k} | {t[k]:.2f} | {t[k] / t['plain']:.3f} |")
+        resolved = 1.0 if k == "plain" else 1 + terrain[k] / 1e3 / t["plain"]
+        print(f"| {k} | {t[k]:.3f} | {t[k] / t['plain']:.4f} | {resolved:.5f} |")
 
 
 if __name__ == "__main__":
