@@ -91,9 +91,9 @@ class DatabaseShields:
         q_len = qc_sq.double().sqrt() * (1 + 2 * g)
         for start in range(0, len(rows), VERIFY_CHUNK_ROWS):
             part = rows[start:start + VERIFY_CHUNK_ROWS]
-            z = torch.from_numpy(self.snapshot.read_rows(part).reshape(len(part), -1)).float()
-            zc = z - centre
-            zc_sq = zc.square().sum(1)
+            raw = self.snapshot.read_rows(part).reshape(len(part), -1)
+            zc = torch.from_numpy(raw).float().sub_(centre)  # in place: the fp16 -> f32 copy is the costly pass
+            zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
             scale = (qc_sq[:, None] + zc_sq[None, :]).double()
             d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
             slack = 2 * g * scale * (1 + 4 * g) + 1e-300
@@ -103,9 +103,10 @@ class DatabaseShields:
             inside = upper <= radius
             unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
             if unsure:
-                q64, z64 = torch.from_numpy(q.astype(np.float64)), z.double()
+                q64 = torch.from_numpy(q.astype(np.float64))
                 for b, j in unsure:
-                    inside[b, j] = float((z64[j] - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
+                    z64 = torch.from_numpy(raw[j].astype(np.float64))
+                    inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
             yield part, inside.any(0).numpy()
 
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
