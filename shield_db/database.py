@@ -7,6 +7,7 @@ Layout::
     <db>/index/basis-<id>.safetensors  projection (mu, A) of :mod:`shield_db.projection`
     <db>/index/features-<id>.faiss     IndexFlatL2 over the projected features of every row
     <db>/lock                          writers hold it exclusively, readers shared
+    <db>/verified.json                 sha256 verdicts per file version (``shield_db.checksums``), advisory
 
 Rows are append-only and addressed by a global row number (shards in manifest order). An item is
 ``[source, sha256, row, size, mtime_ns]``; items with the same content share a row, rows no item uses are
@@ -25,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest
+from .checksums import verified_sha256
 from .errors import CorruptDatabaseError, ShieldDatabaseError
 from .feature_index import FeatureIndex
 from .lock import database_lock
 from .projection import FIT_SAMPLE_ROWS, fit_basis
 from .row_reader import RowReader
-from .storage import map_tensor, sha256_file, tensor_names, write_safetensors_atomic
+from .storage import map_tensor, tensor_names, write_safetensors_atomic
 
 LOG = logging.getLogger("shielded_sampling")
 SOURCE, SHA, ROW, SIZE, MTIME = range(5)
@@ -39,16 +41,6 @@ DEFAULT_COMMIT_ROWS = 256
 DEFAULT_INDEX_DIM = 64
 FEATURE_CHUNK_ROWS = 4096
 MERGE_RUN = 8
-_VERIFIED: dict[tuple, str] = {}
-
-
-def verified_sha256(path: Path) -> str:
-    """sha256 of a file, remembered in this process while its size, mtime and inode stay the same."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _VERIFIED:
-        _VERIFIED[key] = sha256_file(path)
-    return _VERIFIED[key]
 
 
 class Shard:
@@ -61,7 +53,7 @@ class Shard:
         if path.stat().st_size != entry["bytes"]:
             raise CorruptDatabaseError(folder, path, f"{path.stat().st_size} bytes, manifest says {entry['bytes']}"
                                                      " (truncated or replaced)")
-        if check_sha and verified_sha256(path) != entry["sha256"]:
+        if check_sha and verified_sha256(path, folder) != entry["sha256"]:
             raise CorruptDatabaseError(folder, path, "checksum does not match the manifest")
         self.path, self.rows = path, int(entry["rows"])
         self.latents = map_tensor(path, folder, "latents")
@@ -292,7 +284,7 @@ class Transaction:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_safetensors_atomic(path, tensors, {"format": "shield_db-shard"})
         return {"file": f"shards/{path.name}", "rows": int(len(tensors["latents"])), "bytes": path.stat().st_size,
-                "sha256": verified_sha256(path)}
+                "sha256": verified_sha256(path, self.folder)}
 
     # ---- finishing
     def finish(self) -> None:

@@ -206,3 +206,40 @@ def test_lock_timeout_names_the_database(tmp_path):
         holder.wait()
     with database_lock(dbdir, exclusive=True, timeout=5):  # released when the holder dies
         pass
+
+
+def test_checksums_are_remembered_across_processes_per_file_version(tmp_path, monkeypatch):
+    """A fresh process trusts a shard whose size, mtime and inode match its recorded hash; any rewrite is re-hashed."""
+    from shield_db import checksums
+    db = built(tmp_path)
+    db.snapshot()  # hashes the shards once and records the verdicts in verified.json
+    assert (db.folder / checksums.RECORD_NAME).is_file()
+    monkeypatch.setattr(checksums, "_MEMORY", {})  # as in a new process
+    hashed = []
+    real = checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    db.snapshot()
+    assert hashed == []
+    shard = next((db.folder / "shards").glob("*.safetensors"))
+    flip_byte(shard, shard.stat().st_size - 3)  # a rewrite: new mtime
+    monkeypatch.setattr(checksums, "_MEMORY", {})
+    with pytest.raises(CorruptDatabaseError) as exc:
+        db.snapshot()
+    assert_names(exc, shard)
+    assert hashed == [shard.name]
+
+
+def test_verify_rehashes_even_when_the_stat_is_unchanged(tmp_path):
+    db = built(tmp_path)
+    db.snapshot()
+    shard = next((db.folder / "shards").glob("*.safetensors"))
+    st = shard.stat()
+    with open(shard, "r+b") as handle:  # edit in place, then put the old mtime back
+        handle.seek(st.st_size - 3)
+        byte = handle.read(1)
+        handle.seek(st.st_size - 3)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = subprocess.run([sys.executable, "-m", "shield_db", "verify", str(db.folder)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and shard.name in out.stdout + out.stderr
