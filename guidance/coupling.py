@@ -83,6 +83,7 @@ def _block_sizes(shape, grid: int) -> torch.Tensor:
 def project(z: torch.Tensor, grid: int) -> torch.Tensor:
     """``c = P z``: orthonormal block pooling (block sum / sqrt(block size)), ``[N, C g^2]`` (float64)."""
     _check_grid(z, grid)
+    grid = int(grid)
     z = z.detach().to("cpu", torch.float64)
     return (_block_sums(z, grid) / _block_sizes(z.shape, grid).sqrt()).reshape(z.shape[0], -1)
 
@@ -176,6 +177,7 @@ def couple_noise(z: torch.Tensor, grid) -> torch.Tensor:
     if grid is None or grid == 0:
         return z
     _check_grid(z, grid)
+    grid = int(grid)
     if z.shape[0] < 2:
         return z
     if not torch.isfinite(z).all():

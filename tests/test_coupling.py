@@ -188,3 +188,8 @@ def test_errors_show_the_values():
         couple_noise(torch.full((2, 4, 4, 4), float("nan")), 1)
     with pytest.raises(ValueError, match="n=0"):
         design(0, 3)
+
+
+def test_whole_float_grid_is_accepted():
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(couple_noise(z, 2.0), couple_noise(z, 2))
