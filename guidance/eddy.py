@@ -35,7 +35,9 @@ particle keeps its marginal AND the batch stays exactly distributed as ``N`` ind
 consequence we state plainly: in that exact limit the *expected* mean pairwise distance of a batch
 cannot change either; EDDY changes which sample each starting noise is carried to (the coupling), not the
 law. Diversity changes seen in practice come from what breaks exactness: time discretisation of the
-sampler, a learned/CFG score that is not the score of the sampled process, Hutchinson noise. (2) The
+sampler, a learned/CFG score that is not the score of the sampled process, Hutchinson noise. (A batch
+that is more diverse with every marginal kept exactly needs a dependent joint law instead: see
+``guidance/coupling.py``, which couples the starting noises.) (2) The
 kernel is evaluated on the noisy particles ``x_t`` (the variables ``p_t`` is a density of); evaluating it
 on predictions ``D(x_t)`` would need the Jacobian of the network in the divergence. (3) The caller adds
 ``strength * v`` to ``dx/dsigma`` (``D' = D + sigma * strength * v`` in k-diffusion form); any scalar
