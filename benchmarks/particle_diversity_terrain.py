@@ -207,7 +207,8 @@ def plot_coupled(rows, name, batch):
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.3, 1, 1.2]})
     coupled = rows[1:]
-    labels = [f"{r['setting']}\n{r['strength']:g}x{r['strength']:g}" for r in coupled]
+    short = {"coupled": "start", "coupled+renoise": "start+renoise"}
+    labels = [f"{short[r['setting']]}\n{r['strength']:g}x{r['strength']:g}" for r in coupled]
     pos = np.arange(len(coupled))
     width = 0.27
     for k, (key, text) in enumerate((("change", "mean distance (paired)"), ("change_sq", "mean squared (paired)"),
@@ -216,14 +217,14 @@ def plot_coupled(rows, name, batch):
                     yerr=[100 * r[key][1] for r in coupled], capsize=3, color=("C4", "C1", "C0")[k], label=text)
     axes[0].axhline(100 / (batch - 1), c="k", ls=":", label=f"bound on squared, N/(N-1) - 1 (N={batch})")
     axes[0].axhline(0, c="0.5", lw=0.8)
-    axes[0].set_xticks(pos, labels, fontsize=8), axes[0].set_ylabel("change vs unguided (%)")
+    axes[0].set_xticks(pos, labels, fontsize=8), axes[0].set_ylabel("coupled (no guidance): change vs unguided (%)")
     axes[0].legend(fontsize=7), axes[0].grid(alpha=0.3, axis="y")
     every = [rows[0]] + coupled
     names = ["unguided"] + labels
     for k, key in enumerate(("precision", "recall")):
         axes[1].bar(np.arange(len(every)) + (k - 0.5) * 0.38, [r[key] for r in every], 0.38, color=("C2", "C3")[k],
                     label=key + " (proxy)")
-    axes[1].set_xticks(np.arange(len(every)), names, fontsize=7), axes[1].set_ylim(0, 1.1)
+    axes[1].set_xticks(np.arange(len(every)), names, fontsize=7, rotation=35), axes[1].set_ylim(0, 1.1)
     axes[1].legend(fontsize=7, loc="lower right")
     best = max(coupled, key=lambda r: r["within_across"][0])
     tiles = np.concatenate([np.concatenate(list(render(r["out"][:4], vmax=6.0)), 1) for r in (rows[0], best)], 0)
