@@ -96,7 +96,8 @@ export const SPECS = [
       negative: text(380, 260, "blurry, low quality", "Negative"),
       latent: latent(380, 480, 4),
       particle: { type: "ParticleGuidance", pos: [780, 40],
-        widgets: { mode: "particle guidance", strength: 0.5, space: "pooled NxN", pool_size: 8 } },
+        widgets: { mode: "particle guidance", strength: 0.5, space: "pooled NxN", pool_size: 8,
+          start_coupling: "spread 2x2" } },
       sampler: { type: "KSampler", pos: [1180, 40], widgets: { seed: 42, control_after_generate: "fixed", steps: 25,
         cfg: 7.0, sampler_name: "euler", scheduler: "normal" } },
       plain: { type: "KSampler", pos: [1180, 400], title: "KSampler (same seed, no guidance)",
@@ -107,8 +108,10 @@ export const SPECS = [
       save: save(1760, 40, "particle"),
       savePlain: save(1760, 460, "particle_baseline"),
       note: note(20, 680, "Particle guidance (Corso et al. 2024) pushes the images of one batch apart; EDDY mode " +
-        "re-couples them without changing each image's distribution. The lower sampler uses the same seed " +
-        "without guidance, for comparison. Batch size 1 has no effect."),
+        "re-couples them without changing each image's distribution (it does not add spread). start_coupling " +
+        "'spread 2x2' spreads the batch's starting noises while every image keeps an exactly standard-normal " +
+        "noise (strength 0 = coupling alone). The lower sampler uses the same seed without guidance, for " +
+        "comparison. Batch size 1 has no effect."),
     },
     links: [...promptLinks("sampler"), ["ckpt", "MODEL", "particle", "model"], ["particle", "MODEL", "sampler", "model"],
       ["ckpt", "MODEL", "plain", "model"], ["positive", "CONDITIONING", "plain", "positive"],
