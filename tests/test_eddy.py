@@ -7,6 +7,7 @@ import torch
 from guidance.eddy import eddy_drift
 from guidance.embeddings import make_embedding
 from guidance.particle import median_bandwidth, repulsion
+from test_particle import FlatEmbedding  # the generic-path double, shared with the PG tests
 
 MU = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
 W = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -150,18 +151,6 @@ def test_errors():
         eddy_drift(x, x, make_embedding("edges", 2), divergence="exact")
     with pytest.raises(ValueError, match="shape"):
         eddy_drift(x, x[:2])
-
-
-class FlatEmbedding:
-    """The latent embedding under another name: forces the generic path (autograd Gram and pull-back)."""
-
-    linear = True
-
-    def __call__(self, x):
-        return x.reshape(x.shape[0], -1)
-
-    def gram_diag(self, x):
-        return torch.ones(x[0].numel(), dtype=x.dtype, device=x.device)
 
 
 @pytest.mark.parametrize("bandwidth", [None, 2.0])
