@@ -26,3 +26,8 @@ def pack(comfy_nodes):
 @pytest.fixture(scope="session")
 def tiny_model(comfy_nodes):
     return harness.tiny_model()
+
+
+@pytest.fixture(scope="session")
+def spell_nodes(pack):
+    return harness.pack_submodule("nodes.spell_nodes")

@@ -11,11 +11,6 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def spell_nodes(pack):
-    return h.pack_submodule("nodes.spell_nodes")
-
-
-@pytest.fixture(scope="module")
 def report_nodes(pack):
     return h.pack_submodule("nodes.report_nodes")
 

@@ -24,11 +24,6 @@ def loader(pack):
 
 
 @pytest.fixture(scope="module")
-def spell_nodes(pack):
-    return h.pack_submodule("nodes.spell_nodes")
-
-
-@pytest.fixture(scope="module")
 def tiny_vae(comfy_nodes):
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL

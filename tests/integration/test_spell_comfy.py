@@ -19,11 +19,6 @@ def spell_kwargs(**over):
 
 
 @pytest.fixture(scope="module")
-def spell_nodes(pack):
-    return h.pack_submodule("nodes.spell_nodes")
-
-
-@pytest.fixture(scope="module")
 def history(pack):
     return h.pack_submodule("nodes.spell_history")
 
