@@ -31,6 +31,7 @@ from .spell import sparse_repellency
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Schedule = Union[float, Callable[[float], float]]
+Correlate = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (unit draw z, denoised, sigma) -> z'
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -127,8 +128,10 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: float = 1.0,
-                           generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
-    """Euler step to ``sigma_down`` then fresh noise of std ``sigma_up`` (k-diffusion ``sample_euler_ancestral``)."""
+                           generator: Optional[torch.Generator] = None, callback=None,
+                           correlate: Optional[Correlate] = None) -> torch.Tensor:
+    """Euler step to ``sigma_down`` then fresh noise of std ``sigma_up`` (k-diffusion ``sample_euler_ancestral``);
+    ``correlate(z, denoised, sigma)`` may couple each fresh unit draw ``z`` across the batch (EDDY)."""
     _check_sigmas(sigmas)
     for i in range(len(sigmas) - 1):
         s = _sigma_batch(x, sigmas[i])
@@ -138,14 +141,16 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         sigma_down, sigma_up = get_ancestral_step(float(sigmas[i]), float(sigmas[i + 1]), eta)
         x = x + to_d(x, s, denoised) * (sigma_down - float(sigmas[i]))
         if sigma_up > 0:
-            x = x + _randn_like(x, generator) * sigma_up
+            x = x + _fresh_noise(x, generator, correlate, denoised, float(sigmas[i])) * sigma_up
     return x
 
 
 @torch.no_grad()
 def sample_consistency(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, sigma_min: float = 0.0,
-                       generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
-    """Multistep consistency sampling: ``x0 = f(x, sigma_i)``, then ``x = x0 + sqrt(sigma_{i+1}^2 - sigma_min^2) z``."""
+                       generator: Optional[torch.Generator] = None, callback=None,
+                       correlate: Optional[Correlate] = None) -> torch.Tensor:
+    """Multistep consistency sampling: ``x0 = f(x, sigma_i)``, then ``x = x0 + sqrt(sigma_{i+1}^2 - sigma_min^2) z``
+    (``correlate`` as in ``sample_euler_ancestral``)."""
     _check_sigmas(sigmas)
     denoised = x
     for i in range(len(sigmas) - 1):
@@ -154,12 +159,18 @@ def sample_consistency(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, s
             callback(i, x, sigmas[i], denoised)
         nxt = float(sigmas[i + 1])
         if nxt > 0:
-            x = denoised + _randn_like(x, generator) * math.sqrt(max(nxt ** 2 - sigma_min ** 2, 0.0))
+            z = _fresh_noise(x, generator, correlate, denoised, float(sigmas[i]))
+            x = denoised + z * math.sqrt(max(nxt ** 2 - sigma_min ** 2, 0.0))
     return denoised
 
 
 def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+
+
+def _fresh_noise(x, generator, correlate, denoised, sigma: float) -> torch.Tensor:
+    z = _randn_like(x, generator)
+    return z if correlate is None else correlate(z, denoised, sigma)
 
 
 SAMPLERS = {
