@@ -37,7 +37,10 @@ cannot change either; EDDY changes which sample each starting noise is carried t
 law. Diversity changes seen in practice come from what breaks exactness: time discretisation of the
 sampler, a learned/CFG score that is not the score of the sampled process, Hutchinson noise. (A batch
 that is more diverse with every marginal kept exactly needs a dependent joint law instead: see
-``guidance/coupling.py``, which couples the starting noises.) (2) The
+``guidance/correlated_noise.py`` (the node's "EDDY" mode: correlated noise, the diffusion-term symmetry of the
+same Fokker-Planck equation) and ``guidance/coupling.py`` (coupled starting noises). Do not combine this drift
+with them: it is divergence-free for the *product* density only, and on a coupled batch it shifts every
+marginal.) (2) The
 kernel is evaluated on the noisy particles ``x_t`` (the variables ``p_t`` is a density of); evaluating it
 on predictions ``D(x_t)`` would need the Jacobian of the network in the divergence. (3) The caller adds
 ``strength * v`` to ``dx/dsigma`` (``D' = D + sigma * strength * v`` in k-diffusion form); any scalar

@@ -5,12 +5,15 @@ is the post-CFG hook and the thin node. The hook edits the CFG-combined predicti
 batch (k-diffusion convention, ``x = alpha x0 + sigma eps``; ``alpha = 1`` except for flow models):
 
 - particle guidance: ``D' = D + strength * sigma * eta * J^T phi`` (see ``guidance.particle``), on ``D``;
-- EDDY: ``D' = D + sigma * strength * v`` with ``v = eddy_drift(x, (alpha D - x) / sigma^2)`` computed on the
-  noisy batch ``x``; an Euler step then moves ``x`` by ``strength * v * (sigma - sigma_next)``.
+- EDDY drift (paper form): ``D' = D + sigma * strength * v`` with ``v = eddy_drift(x, (alpha D - x) / sigma^2)``
+  computed on the noisy batch ``x``; an Euler step then moves ``x`` by ``strength * v * (sigma - sigma_next)``.
+  Exact only from independent starts, where it cannot change the batch's joint law.
 
-Start coupling (``guidance/coupling.py``) is a ``SAMPLER_SAMPLE`` wrapper: once per sampler run it replaces the
-unit starting noise (before the sampler scales it by sigma_max) by the exact-marginal coupled noise, then calls
-the sampler. It works alone (strength 0) or with either mode.
+EDDY (correlated noise, ``guidance/correlated_noise.py``) and start coupling (``guidance/coupling.py``) run in a
+``SAMPLER_SAMPLE`` wrapper, once per sampler run: it replaces the unit starting noise (before the sampler scales
+it by sigma_max) by exact-marginal coupled noise and, in EDDY mode, hands samplers that take a ``noise_sampler``
+an ``EddyNoiseRun`` (``nodes/eddy_noise.py``) for the run, restoring the sampler's options afterwards. Start
+coupling works alone (strength 0) or with particle guidance or EDDY.
 """
 from __future__ import annotations
 
@@ -21,15 +24,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..guidance.correlated_noise import eddy_noise
 from ..guidance.coupling import couple_noise, design
 from ..guidance.eddy import eddy_drift
 from ..guidance.embeddings import make_embedding
 from ..guidance.particle import particle_guidance
+from .eddy_noise import EddyNoiseRun, accepts_noise_sampler
 
 LOG = logging.getLogger("shielded_sampling")
 CATEGORY = "sampling/shielded"
 NODE = "Particle Guidance"
-MODES = ("particle guidance", "EDDY")
+PG, EDDY, EDDY_DRIFT = "particle guidance", "EDDY", "EDDY drift (paper form)"
+MODES = (PG, EDDY, EDDY_DRIFT)
 SPACES = {"latent": "latent", "pooled NxN": "pooled", "colour": "colour", "edges": "edges"}
 EDDY_PROBES = 1
 COUPLINGS = {"independent": 0, "spread 1x1 (channel means)": 1, "spread 2x2": 2, "spread 4x4": 4, "spread 8x8": 8}
@@ -65,6 +71,13 @@ class ParticleSettings:
                  f"{self.end_percent})")
         if self.start_coupling not in COUPLINGS:
             fail("start_coupling", f"must be one of {tuple(COUPLINGS)}, got {self.start_coupling!r}")
+        if self.mode == EDDY and not -1.0 <= self.strength <= 1.0:
+            fail("strength", f"must lie in [-1, 1] in EDDY mode (the noise correlation; 1 = most spread), got "
+                 f"{self.strength}")
+        if self.mode == EDDY_DRIFT and COUPLINGS[self.start_coupling]:
+            fail("start_coupling", f"must be 'independent' with mode '{EDDY_DRIFT}': the drift keeps each image's "
+                 f"distribution only for independent starting noises (with a coupled start it shifts it); use "
+                 f"mode 'EDDY' for exact spread")
 
 
 def flow_alpha(model_sampling, sigma: float) -> float:
@@ -74,8 +87,8 @@ def flow_alpha(model_sampling, sigma: float) -> float:
 
 
 class ParticlePatch:
-    """The post-CFG function and the start-coupling sampler wrapper; holds only the settings and a
-    once-per-patch log flag (no per-run state)."""
+    """The post-CFG function and the sampler wrapper; holds the settings, a once-per-patch log flag and, only
+    while a sampler run is inside the wrapper, that run's ``EddyNoiseRun``."""
 
     def __init__(self, settings: ParticleSettings, model_sampling):
         settings.validate()
@@ -86,6 +99,7 @@ class ParticlePatch:
         self.sigma_low = float(model_sampling.percent_to_sigma(settings.end_percent))
         self.logged_single = False
         self.key = f"shielded_particle_{id(self)}"
+        self.run = None
 
     def __deepcopy__(self, memo):
         """``ModelPatcher.clone()`` deep-copies model_options: share this immutable patch (and its log flag)."""
@@ -101,6 +115,10 @@ class ParticlePatch:
                 LOG.info("%s: batch size 1, nothing to repel from; the model runs unchanged", NODE)
                 self.logged_single = True
             return denoised
+        if self.settings.mode == EDDY:
+            if self.run is not None:
+                self.run.record(denoised)
+            return denoised
         sigma = float(args["sigma"].flatten()[0])
         if not self.active(sigma) or sigma <= 0:
             return denoised
@@ -109,7 +127,7 @@ class ParticlePatch:
     def correction(self, denoised, x, sigma):
         s = self.settings
         bandwidth = s.bandwidth or None
-        if s.mode == "particle guidance":
+        if s.mode == PG:
             return particle_guidance(denoised, s.strength, self.embedding, bandwidth, sigma=sigma).delta
         alpha = flow_alpha(self.model_sampling, sigma)
         score = (alpha * denoised.float() - x.float()) / sigma ** 2
@@ -119,17 +137,46 @@ class ParticlePatch:
         return sigma * s.strength * v.float()
 
     def sampler_wrapper(self, executor, *args, **kwargs):
-        """Runs once per sampler run: the sampler gets the coupled noise (``args`` = guider, sigmas, extra_args,
-        callback, noise, ...), everything else is passed through."""
+        """Runs once per sampler run (``args`` = guider, sigmas, extra_args, callback, noise, ...): the sampler
+        gets the coupled starting noise and, in EDDY mode, EDDY's noise sampler for this run only."""
         args = list(args)
         if len(args) > 4:
-            args[4] = self.couple(args[4])
+            noise = args[4] = self.couple(args[4])
         else:
-            kwargs["noise"] = self.couple(kwargs["noise"])
-        return executor(*args, **kwargs)
+            noise = kwargs["noise"] = self.couple(kwargs["noise"])
+        sampler = executor.class_obj
+        extra_args = args[2] if len(args) > 2 else kwargs.get("extra_args", {})
+        run = self.start_noise_run(sampler, noise, extra_args.get("seed"))
+        if run is None:
+            return executor(*args, **kwargs)
+        options = sampler.extra_options
+        sampler.extra_options = {**options, "noise_sampler": run}
+        self.run = run
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.run = None
+            sampler.extra_options = options
+            LOG.info("%s: EDDY correlated %d of the sampler's %d noise draws (the others were outside the "
+                     "window)", NODE, run.correlated, run.draws)
+
+    def start_noise_run(self, sampler, noise, seed):
+        """EDDY's per-run noise state, or None (other modes, batch 1, strength 0, or a sampler without one)."""
+        s = self.settings
+        if s.mode != EDDY or noise.shape[0] < 2 or s.strength == 0:
+            return None
+        if not accepts_noise_sampler(sampler) or "noise_sampler" in sampler.extra_options:
+            LOG.info("%s: EDDY: this sampler adds no fresh noise after the start (or brings its own noise "
+                     "sampler), so only the starting noise is coupled; ancestral/SDE samplers get more spread",
+                     NODE)
+            return None
+        return EddyNoiseRun(noise, seed, s.strength, self.embedding, s.bandwidth or None,
+                            (self.sigma_low, self.sigma_high))
 
     def couple(self, noise: torch.Tensor) -> torch.Tensor:
         grid = COUPLINGS[self.settings.start_coupling]
+        if not grid:
+            return self.eddy_start(noise)
         if noise.shape[0] < 2:
             LOG.info("%s: start coupling: batch size 1, the noise is left as it is", NODE)
             return noise
@@ -145,19 +192,29 @@ class ParticlePatch:
                  NODE, grid, grid, m, kind, noise.shape[0])
         return couple_noise(noise, grid)
 
+    def eddy_start(self, noise: torch.Tensor) -> torch.Tensor:
+        """EDDY without a start_coupling design: the starting noises correlated with equal weights."""
+        s = self.settings
+        if s.mode != EDDY or noise.shape[0] < 2 or s.strength == 0:
+            return noise
+        LOG.info("%s: EDDY: starting noises correlated across the batch of %d (strength %g); every image keeps "
+                 "an exact N(0, I) noise", NODE, noise.shape[0], s.strength)
+        return eddy_noise(noise, s.strength)
+
     def apply(self, model):
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self)
-        if COUPLINGS[self.settings.start_coupling]:
+        if COUPLINGS[self.settings.start_coupling] or self.settings.mode == EDDY:
             patched.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
         return patched
 
 
 class ParticleGuidance:
-    DESCRIPTION = ("Pushes the samples of a batch apart (particle guidance, Corso et al. 2024) or re-couples them "
-                   "with a divergence-free drift that keeps the distribution of every sample (EDDY), and/or "
-                   "spreads the batch's starting noises with every image's distribution kept exactly (start "
-                   "coupling). Batch size 1: no effect.")
+    DESCRIPTION = ("Makes the images of a batch differ more. particle guidance (Corso et al. 2024) pushes the "
+                   "predicted images apart (strong, but shifts what each image looks like). EDDY correlates the "
+                   "random noise of the batch so look-alike images get opposite noise: every image keeps exactly "
+                   "the distribution it has without the node, the batch spreads. Start coupling spreads the "
+                   "starting noises the same exact way. Batch size 1: no effect.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -166,21 +223,29 @@ class ParticleGuidance:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch."}),
-            "mode": (list(MODES), {"default": "particle guidance",
-                                   "tooltip": "particle guidance: dense RBF repulsion of the predicted images "
-                                              "(more spread, shifts each sample's distribution). EDDY: "
-                                              "divergence-free drift on the noisy batch that keeps each sample's "
-                                              "distribution exactly (in the exact-score limit); it changes which "
-                                              "image each seed gives, not the expected spread."}),
+            "mode": (list(MODES), {"default": PG,
+                                   "tooltip": "particle guidance: dense RBF repulsion of the predicted images (most "
+                                              "spread, but shifts each image's distribution). EDDY: the batch's "
+                                              "starting noise and the fresh noise of ancestral/SDE samplers are "
+                                              "correlated so look-alike images get opposite noise; each image "
+                                              "stays exactly distributed as without the node (best with "
+                                              "euler_ancestral, dpmpp_2m_sde, ...; ODE samplers such as euler or "
+                                              "dpmpp_2m only get the coupled start). EDDY drift (paper form): the "
+                                              "divergence-free drift of the EDDY paper; it keeps each image's "
+                                              "distribution and changes which image a seed gives, but not the "
+                                              "expected spread (for research)."}),
             "strength": ("FLOAT", {"default": 0.2, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "Particle guidance: the prediction moves by strength x sigma x a "
+                                   "tooltip": "particle guidance: the prediction moves by strength x sigma x a "
                                               "kernel-weighted unit-free direction away from the other samples "
-                                              "(0.05-0.5 is typical). EDDY: factor on the divergence-free drift "
+                                              "(0.05-0.5 is typical). EDDY: noise correlation in [-1, 1]; 1 = "
+                                              "look-alikes get the most opposite noise (most spread), negative "
+                                              "values pull the batch together. EDDY drift: factor on the drift "
                                               "added to dx/dsigma."}),
             "space": (list(SPACES), {"default": "pooled NxN",
-                                     "tooltip": "Where similarity is measured: latent (whole latent; repels little "
-                                                "in high dimension), pooled NxN (coarse layout), colour (2x2 "
-                                                "per-channel means), edges (pooled Sobel magnitude)."}),
+                                     "tooltip": "Where similarity is measured (EDDY: which images count as "
+                                                "look-alikes): latent (whole latent; repels little in high "
+                                                "dimension), pooled NxN (coarse layout), colour (2x2 per-channel "
+                                                "means), edges (pooled Sobel magnitude)."}),
             "pool_size": ("INT", {"default": 8, "min": 1, "max": 128,
                                   "tooltip": "Grid size N of 'pooled NxN' and 'edges'."}),
             "bandwidth": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.01,
@@ -188,7 +253,8 @@ class ParticleGuidance:
                                                "h = median pairwise squared distance / log(N-1)."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                         "tooltip": "Start of the active window as a fraction of the schedule "
-                                                   "(0 = first step)."}),
+                                                   "(0 = first step). EDDY correlates the noise drawn inside the "
+                                                   "window; its starting noise is always coupled."}),
             "end_percent": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.001,
                                       "tooltip": "End of the active window (Corso et al. stop at sigma = 1, about "
                                                  "0.6 of an SD1.5 schedule; 1 = last step)."}),
@@ -200,7 +266,9 @@ class ParticleGuidance:
                                                             "standard-normal noise, so each image is distributed "
                                                             "exactly as an unguided one. Adds the most spread to "
                                                             "small batches (2-4). Works with strength 0 (coupling "
-                                                            "alone) and with either mode."}),
+                                                            "alone), with particle guidance and with EDDY (which "
+                                                            "otherwise correlates the whole starting noise); not "
+                                                            "with EDDY drift."}),
         }}
 
     def apply(self, model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent,

@@ -8,6 +8,7 @@ import shield_harness as h
 
 SAMPLERS = ["euler", "dpmpp_2m", "euler_ancestral", "uni_pc"]
 STEPS = 8
+EDDY_DRIFT = "EDDY drift (paper form)"
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +42,21 @@ def test_particle_guidance_moves_batch_apart(comfy_nodes, particle_nodes, tiny_m
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_eddy_runs_and_changes_the_batch(comfy_nodes, particle_nodes, tiny_model, sampler):
+@pytest.mark.parametrize("mode", ["EDDY", EDDY_DRIFT])
+def test_eddy_runs_and_changes_the_batch(comfy_nodes, particle_nodes, tiny_model, sampler, mode):
     plain = h.ksample(comfy_nodes, tiny_model, h.empty_latent(4), seed=3, steps=STEPS, sampler=sampler)
-    model = patched(particle_nodes, tiny_model, mode="EDDY", strength=1.0, space="pooled NxN")
+    model = patched(particle_nodes, tiny_model, mode=mode, strength=1.0, space="pooled NxN")
     guided = h.ksample(comfy_nodes, model, h.empty_latent(4), seed=3, steps=STEPS, sampler=sampler)
     assert torch.isfinite(guided["samples"]).all()
     assert not torch.allclose(guided["samples"], plain["samples"])
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("mode", ["particle guidance", "EDDY"])
+@pytest.mark.parametrize("mode,strength", [("particle guidance", 2.0), ("EDDY", 1.0), (EDDY_DRIFT, 2.0)])
 def test_batch_of_one_is_unchanged_and_logged_once(comfy_nodes, particle_nodes, tiny_model, sampler, mode,
-                                                   caplog):
+                                                   strength, caplog):
     plain = h.ksample(comfy_nodes, tiny_model, h.empty_latent(1), seed=5, steps=STEPS, sampler=sampler)
-    model = patched(particle_nodes, tiny_model, mode=mode, strength=2.0)
+    model = patched(particle_nodes, tiny_model, mode=mode, strength=strength)
     with caplog.at_level(logging.INFO, logger="shielded_sampling"):
         guided = h.ksample(comfy_nodes, model, h.empty_latent(1), seed=5, steps=STEPS, sampler=sampler)
     assert torch.equal(guided["samples"], plain["samples"])
@@ -73,6 +75,10 @@ def test_bad_input_names_node_and_input(particle_nodes, tiny_model):
         patched(particle_nodes, tiny_model, start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError, match="Particle Guidance: input 'space'"):
         patched(particle_nodes, tiny_model, space="dino")
+    with pytest.raises(ValueError, match=r"Particle Guidance: input 'strength' must lie in \[-1, 1\] in EDDY mode"):
+        patched(particle_nodes, tiny_model, mode="EDDY", strength=2.0)
+    with pytest.raises(ValueError, match="Particle Guidance: input 'start_coupling' must be 'independent'"):
+        patched(particle_nodes, tiny_model, mode=EDDY_DRIFT, start_coupling="spread 2x2")
 
 
 def test_patch_survives_model_clone(particle_nodes, tiny_model):
@@ -177,3 +183,57 @@ def test_start_coupling_bad_input_and_clone(particle_nodes, tiny_model):
     assert "sampler_sample" not in patched(particle_nodes, tiny_model).wrappers   # independent: no wrapper
     wrappers = model.clone().wrappers["sampler_sample"]
     assert len(wrappers) == 1 and list(wrappers.values())[0] == list(model.wrappers["sampler_sample"].values())[0]
+
+
+# -- EDDY: correlated noise ----------------------------------------------------------------------------------
+
+def eddy_messages(caplog, text):
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eddy_spreads_batches_of_stochastic_samplers(comfy_nodes, particle_nodes, tiny_model, sampler, seed,
+                                                     caplog):
+    """Same raw noise streams, correlated (strength 1) vs practically uncorrelated (1e-6)."""
+    uncorrelated = patched(particle_nodes, tiny_model, mode="EDDY", strength=1e-6, space="pooled NxN")
+    base = h.ksample(comfy_nodes, uncorrelated, h.empty_latent(4), seed=seed, steps=STEPS, sampler=sampler)
+    model = patched(particle_nodes, tiny_model, mode="EDDY", strength=1.0, space="pooled NxN")
+    with caplog.at_level(logging.INFO, logger="shielded_sampling"):
+        out = h.ksample(comfy_nodes, model, h.empty_latent(4), seed=seed, steps=STEPS, sampler=sampler)
+    assert torch.isfinite(out["samples"]).all()
+    assert mean_pairwise(out) > 1.05 * mean_pairwise(base)
+    [summary] = eddy_messages(caplog, "EDDY correlated")
+    assert "correlated 0 of" not in summary
+
+
+def test_eddy_noise_sampler_is_given_for_one_run_only(comfy_nodes, particle_nodes, tiny_model):
+    eddy_noise_module = h.pack_submodule("nodes.eddy_noise")
+    model = patched(particle_nodes, tiny_model, mode="EDDY", strength=1.0, space="pooled NxN")
+    seen = []
+
+    def inner(executor, *args, **kwargs):
+        seen.append((executor.class_obj, dict(executor.class_obj.extra_options)))
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key("sampler_sample", "test_inner", inner)
+    h.ksample(comfy_nodes, model, h.empty_latent(3), seed=4, steps=STEPS, sampler="euler_ancestral")
+    [(sampler, options)] = seen
+    assert isinstance(options["noise_sampler"], eddy_noise_module.EddyNoiseRun)
+    assert "noise_sampler" not in sampler.extra_options
+    assert model.model_options["sampler_post_cfg_function"][-1].run is None
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "uni_pc"])
+def test_eddy_with_an_ode_sampler_correlates_the_start_only(comfy_nodes, particle_nodes, tiny_model, sampler,
+                                                            caplog):
+    import comfy.sample
+    correlated = h.pack_submodule("guidance.correlated_noise")
+    latent = h.empty_latent(4)
+    model = patched(particle_nodes, tiny_model, mode="EDDY", strength=0.7)
+    seen = record_noise(model)
+    with caplog.at_level(logging.INFO, logger="shielded_sampling"):
+        h.ksample(comfy_nodes, model, latent, seed=6, steps=STEPS, sampler=sampler)
+    noise = comfy.sample.prepare_noise(latent["samples"], 6)
+    torch.testing.assert_close(seen[0], correlated.eddy_noise(noise, 0.7), rtol=0, atol=1e-6)
+    assert len(eddy_messages(caplog, "only the starting noise is coupled")) == 1
+    assert not eddy_messages(caplog, "EDDY correlated")

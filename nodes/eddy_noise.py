@@ -1,0 +1,57 @@
+"""EDDY's correlated noise inside ComfyUI's samplers (the math is ``guidance/correlated_noise.py``).
+
+Stochastic k-diffusion samplers (euler_ancestral, dpmpp_2m_sde, dpmpp_sde, ...) take a ``noise_sampler(sigma,
+sigma_next)`` returning unit noise shaped like the batch. For one sampler run the "Particle Guidance" node hands
+them an ``EddyNoiseRun``: it draws iid unit noise from its own seeded generator and correlates it across the batch
+by the kernel of the batch's latest prediction, which the node's post-CFG hook records. Each image's noise stays
+exactly N(0, I) given everything before it, so each image's chain is the unguided one.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from ..guidance.correlated_noise import eddy_noise
+
+LOG = logging.getLogger("shielded_sampling")
+SEED_OFFSET = 0x5EED  # keeps the injected noise stream apart from the starting noise ComfyUI draws from the seed
+
+
+def accepts_noise_sampler(sampler) -> bool:
+    """Whether a ComfyUI sampler object calls a ``noise_sampler`` (only k-diffusion functions that take one)."""
+    function = getattr(sampler, "sampler_function", None)
+    options = getattr(sampler, "extra_options", None)
+    if function is None or not isinstance(options, dict):
+        return False
+    try:
+        return "noise_sampler" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class EddyNoiseRun:
+    """Per-run state of EDDY's noise: the raw-noise generator, the latest prediction and a draw count."""
+
+    def __init__(self, like: torch.Tensor, seed, strength: float, embedding, bandwidth, sigma_window):
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+        self.generator = torch.Generator().manual_seed((int(seed or 0) + SEED_OFFSET) % 2 ** 63)
+        self.strength, self.embedding, self.bandwidth = strength, embedding, bandwidth
+        self.sigma_low, self.sigma_high = sigma_window
+        self.latest = None
+        self.draws = self.correlated = 0
+
+    def record(self, denoised: torch.Tensor):
+        self.latest = denoised.detach()
+
+    def __call__(self, sigma, sigma_next=None) -> torch.Tensor:
+        z = torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+        self.draws += 1
+        s = float(torch.as_tensor(sigma).flatten()[0])
+        if self.latest is None or not self.sigma_low <= s <= self.sigma_high:
+            return z
+        with torch.no_grad():
+            embedded = self.embedding(self.latest.float())
+        self.correlated += 1
+        return eddy_noise(z, self.strength, embedded, self.bandwidth)
