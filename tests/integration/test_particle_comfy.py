@@ -237,3 +237,12 @@ def test_eddy_with_an_ode_sampler_correlates_the_start_only(comfy_nodes, particl
     torch.testing.assert_close(seen[0], correlated.eddy_noise(noise, 0.7), rtol=0, atol=1e-6)
     assert len(eddy_messages(caplog, "only the starting noise is coupled")) == 1
     assert not eddy_messages(caplog, "EDDY correlated")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "uni_pc"])
+def test_eddy_moves_batches_of_ode_samplers_apart(comfy_nodes, particle_nodes, tiny_model, sampler):
+    model = patched(particle_nodes, tiny_model, mode="EDDY", strength=1.0)
+    for seed in (0, 1):
+        plain = h.ksample(comfy_nodes, tiny_model, h.empty_latent(4), seed=seed, steps=STEPS, sampler=sampler)
+        out = h.ksample(comfy_nodes, model, h.empty_latent(4), seed=seed, steps=STEPS, sampler=sampler)
+        assert mean_pairwise(out) > 1.05 * mean_pairwise(plain)
