@@ -22,6 +22,35 @@ const outputLinks = (sampler) => [
   [sampler, "LATENT", "decode", "samples"], ["ckpt", "VAE", "decode", "vae"], ["decode", "IMAGE", "save", "images"],
 ];
 
+/** Particle Guidance -> KSampler beside a same-seed KSampler without it (both decoded and saved). */
+const particleBatchSpec = (file, prefix, samplerName, particleWidgets, noteNode) => {
+  const ksampler = (y, title) => ({ type: "KSampler", pos: [1180, y], ...(title ? { title } : {}),
+    widgets: { seed: 42, control_after_generate: "fixed", steps: 25, cfg: 7.0, sampler_name: samplerName,
+      scheduler: "normal" } });
+  return {
+    file,
+    nodes: {
+      ckpt: ckpt(20, 80),
+      positive: text(380, 40, "a photo of a dog in a park, detailed", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      latent: latent(380, 480, 4),
+      particle: { type: "ParticleGuidance", pos: [780, 40], widgets: particleWidgets },
+      sampler: ksampler(40),
+      plain: ksampler(400, "KSampler (same seed, no guidance)"),
+      decode: decode(1540, 40),
+      decodePlain: decode(1540, 400),
+      save: save(1760, 40, prefix),
+      savePlain: save(1760, 460, `${prefix}_baseline`),
+      note: noteNode,
+    },
+    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "particle", "model"], ["particle", "MODEL", "sampler", "model"],
+      ["ckpt", "MODEL", "plain", "model"], ["positive", "CONDITIONING", "plain", "positive"],
+      ["negative", "CONDITIONING", "plain", "negative"], ["latent", "LATENT", "plain", "latent_image"],
+      ...outputLinks("sampler"), ["plain", "LATENT", "decodePlain", "samples"], ["ckpt", "VAE", "decodePlain", "vae"],
+      ["decodePlain", "IMAGE", "savePlain", "images"]],
+  };
+};
+
 export const SPECS = [
   {
     file: "spell_diverse_batch_with_history",
@@ -88,70 +117,23 @@ export const SPECS = [
       ...outputLinks("sampler"), ["dng", "report", "report", "dng_report"], ["sampler", "LATENT", "report", "after"],
     ],
   },
-  {
-    file: "particle_guidance_batch",
-    nodes: {
-      ckpt: ckpt(20, 80),
-      positive: text(380, 40, "a photo of a dog in a park, detailed", "Positive"),
-      negative: text(380, 260, "blurry, low quality", "Negative"),
-      latent: latent(380, 480, 4),
-      particle: { type: "ParticleGuidance", pos: [780, 40],
-        widgets: { mode: "particle guidance", strength: 0.5, space: "pooled NxN", pool_size: 8,
-          start_coupling: "spread 2x2" } },
-      sampler: { type: "KSampler", pos: [1180, 40], widgets: { seed: 42, control_after_generate: "fixed", steps: 25,
-        cfg: 7.0, sampler_name: "euler", scheduler: "normal" } },
-      plain: { type: "KSampler", pos: [1180, 400], title: "KSampler (same seed, no guidance)",
-        widgets: { seed: 42, control_after_generate: "fixed", steps: 25, cfg: 7.0, sampler_name: "euler",
-          scheduler: "normal" } },
-      decode: decode(1540, 40),
-      decodePlain: decode(1540, 400),
-      save: save(1760, 40, "particle"),
-      savePlain: save(1760, 460, "particle_baseline"),
-      note: note(20, 680, "Particle guidance (Corso et al. 2024) pushes the images of one batch apart (most " +
-        "spread, but each image's distribution shifts a little). For spread that keeps every image's " +
-        "distribution exactly, use mode EDDY (see eddy_diverse_batch). start_coupling 'spread 2x2' spreads the " +
-        "batch's starting noises while every image keeps an exactly standard-normal noise (strength 0 = " +
-        "coupling alone). The lower sampler uses the same seed without guidance, for comparison. Batch size 1 " +
-        "has no effect."),
-    },
-    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "particle", "model"], ["particle", "MODEL", "sampler", "model"],
-      ["ckpt", "MODEL", "plain", "model"], ["positive", "CONDITIONING", "plain", "positive"],
-      ["negative", "CONDITIONING", "plain", "negative"], ["latent", "LATENT", "plain", "latent_image"],
-      ...outputLinks("sampler"), ["plain", "LATENT", "decodePlain", "samples"], ["ckpt", "VAE", "decodePlain", "vae"],
-      ["decodePlain", "IMAGE", "savePlain", "images"]],
-  },
-  {
-    file: "eddy_diverse_batch",
-    nodes: {
-      ckpt: ckpt(20, 80),
-      positive: text(380, 40, "a photo of a dog in a park, detailed", "Positive"),
-      negative: text(380, 260, "blurry, low quality", "Negative"),
-      latent: latent(380, 480, 4),
-      particle: { type: "ParticleGuidance", pos: [780, 40],
-        widgets: { mode: "EDDY", strength: 1.0, space: "pooled NxN", pool_size: 8, start_coupling: "independent" } },
-      sampler: { type: "KSampler", pos: [1180, 40], widgets: { seed: 42, control_after_generate: "fixed", steps: 25,
-        cfg: 7.0, sampler_name: "euler_ancestral", scheduler: "normal" } },
-      plain: { type: "KSampler", pos: [1180, 400], title: "KSampler (same seed, no guidance)",
-        widgets: { seed: 42, control_after_generate: "fixed", steps: 25, cfg: 7.0, sampler_name: "euler_ancestral",
-          scheduler: "normal" } },
-      decode: decode(1540, 40),
-      decodePlain: decode(1540, 400),
-      save: save(1760, 40, "eddy"),
-      savePlain: save(1760, 460, "eddy_baseline"),
-      note: note(20, 680, "EDDY: a more varied batch with no change to any single image's distribution. Each " +
-        "image is distributed exactly as it would be without the node; only the noise is shared out across the " +
-        "batch, so images that look alike (in the chosen space) get opposite noise and drift apart. strength 1 " +
-        "= most spread, 0 = off, negative = more alike. Strongest with ancestral/SDE samplers (euler_ancestral, " +
-        "dpmpp_2m_sde, ...), which draw fresh noise every step; with ODE samplers (euler, dpmpp_2m) only the " +
-        "starting noise is coupled. The lower sampler uses the same seed without the node, for comparison. " +
-        "Batch size 1 has no effect."),
-    },
-    links: [...promptLinks("sampler"), ["ckpt", "MODEL", "particle", "model"], ["particle", "MODEL", "sampler", "model"],
-      ["ckpt", "MODEL", "plain", "model"], ["positive", "CONDITIONING", "plain", "positive"],
-      ["negative", "CONDITIONING", "plain", "negative"], ["latent", "LATENT", "plain", "latent_image"],
-      ...outputLinks("sampler"), ["plain", "LATENT", "decodePlain", "samples"], ["ckpt", "VAE", "decodePlain", "vae"],
-      ["decodePlain", "IMAGE", "savePlain", "images"]],
-  },
+  particleBatchSpec("particle_guidance_batch", "particle", "euler", { mode: "particle guidance", strength: 0.5,
+    space: "pooled NxN", pool_size: 8, start_coupling: "spread 2x2" },
+    note(20, 680, "Particle guidance (Corso et al. 2024) pushes the images of one batch apart (most " +
+      "spread, but each image's distribution shifts a little). For spread that keeps every image's " +
+      "distribution exactly, use mode EDDY (see eddy_diverse_batch). start_coupling 'spread 2x2' spreads the " +
+      "batch's starting noises while every image keeps an exactly standard-normal noise (strength 0 = " +
+      "coupling alone). The lower sampler uses the same seed without guidance, for comparison. Batch size 1 " +
+      "has no effect.")),
+  particleBatchSpec("eddy_diverse_batch", "eddy", "euler_ancestral", { mode: "EDDY", strength: 1.0,
+    space: "pooled NxN", pool_size: 8, start_coupling: "independent" },
+    note(20, 680, "EDDY: a more varied batch with no change to any single image's distribution. Each " +
+      "image is distributed exactly as it would be without the node; only the noise is shared out across the " +
+      "batch, so images that look alike (in the chosen space) get opposite noise and drift apart. strength 1 " +
+      "= most spread, 0 = off, negative = more alike. Strongest with ancestral/SDE samplers (euler_ancestral, " +
+      "dpmpp_2m_sde, ...), which draw fresh noise every step; with ODE samplers (euler, dpmpp_2m) only the " +
+      "starting noise is coupled. The lower sampler uses the same seed without the node, for comparison. " +
+      "Batch size 1 has no effect.")),
   {
     file: "spell_protect_folder",
     nodes: {
