@@ -70,8 +70,9 @@ def correlate(z: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     """``xi_i = sum_j R_ij z_j`` over the batch (first) dimension of ``z`` (any trailing shape)."""
     if z.shape[0] != root.shape[0]:
         raise ValueError(f"noise batch {z.shape[0]} does not match the correlation matrix {tuple(root.shape)}")
-    flat = z.reshape(z.shape[0], -1)
-    return (root.to(device=z.device, dtype=torch.float32) @ flat.float()).to(z.dtype).reshape(z.shape)
+    work = torch.float64 if z.dtype == torch.float64 else torch.float32
+    flat = z.reshape(z.shape[0], -1).to(work)
+    return (root.to(device=z.device, dtype=work) @ flat).to(z.dtype).reshape(z.shape)
 
 
 def eddy_noise(z: torch.Tensor, strength: float, embedded: torch.Tensor = None, bandwidth=None) -> torch.Tensor:

@@ -240,7 +240,8 @@ class ParticleGuidance:
                                               "(0.05-0.5 is typical). EDDY: noise correlation in [-1, 1]; 1 = "
                                               "look-alikes get the most opposite noise (most spread), negative "
                                               "values pull the batch together. EDDY drift: factor on the drift "
-                                              "added to dx/dsigma."}),
+                                              "added to dx/dsigma (0.1-0.5; 1 and more can make the steps "
+                                              "unstable)."}),
             "space": (list(SPACES), {"default": "pooled NxN",
                                      "tooltip": "Where similarity is measured (EDDY: which images count as "
                                                 "look-alikes): latent (whole latent; repels little in high "
