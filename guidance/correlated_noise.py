@@ -25,6 +25,11 @@ The correlation. ``W`` = RBF kernel of the batch's current predictions (zero dia
 eigenvalues in ``[1 - |s|, 1 + |s|]``, so it is a correlation matrix. Look-alike pairs (large ``k_ij``) get the
 most negative correlation; ``s = 1`` with equal weights is the centred noise ``sqrt(N/(N-1)) (z_i - z_bar)``,
 the most negative exchangeable Gaussian coupling. Noise ``xi = (C^{1/2} (x) I) z`` with ``z`` iid ``N(0, I)``.
+
+The design alternative. ``guidance.coupling.couple_noise(z, grid)`` (the start coupling's rigid simplex design on
+a coarse grid) is exact for one draw too and leaves no look-alike pair in the coupled coordinates, which made it
+the stronger choice on a real model (BENCHMARKS.md). ``blend`` gives it a strength: ``sqrt(1 - s^2) w + s c``
+with ``w`` an independent iid draw and ``c`` the coupled one is again exactly ``N(0, I)`` per sample.
 """
 from __future__ import annotations
 
@@ -73,6 +78,16 @@ def correlate(z: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     flat = z.reshape(z.shape[0], -1).to(work)
     return (root.to(device=z.device, dtype=work) @ flat).to(z.dtype).reshape(z.shape)
+
+
+def blend(independent: torch.Tensor, coupled: torch.Tensor, strength: float) -> torch.Tensor:
+    """``sqrt(1 - s^2) w + s c``: exactly ``N(0, I)`` per sample when ``w`` is an independent iid draw and every
+    ``c_i`` is ``N(0, I)``; cross-sample covariance ``s^2 Cov(c_i, c_j)``."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"blend strength must lie in [0, 1], got {strength}")
+    if strength == 1.0:
+        return coupled
+    return (1 - strength ** 2) ** 0.5 * independent + strength * coupled
 
 
 def eddy_noise(z: torch.Tensor, strength: float, embedded: torch.Tensor = None, bandwidth=None) -> torch.Tensor:

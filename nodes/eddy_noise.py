@@ -3,8 +3,9 @@
 Stochastic k-diffusion samplers (euler_ancestral, dpmpp_2m_sde, dpmpp_sde, ...) take a ``noise_sampler(sigma,
 sigma_next)`` returning unit noise shaped like the batch. For one sampler run the "Particle Guidance" node hands
 them an ``EddyNoiseRun``: it draws iid unit noise from its own seeded generator and correlates it across the batch
-by the kernel of the batch's latest prediction, which the node's post-CFG hook records. Each image's noise stays
-exactly N(0, I) given everything before it, so each image's chain is the unguided one.
+by the kernel of the batch's latest prediction, which the node's post-CFG hook records, or (``grid`` > 0) couples
+it with the start coupling's design on that grid, blended by strength. Each image's noise stays exactly N(0, I)
+given everything before it, so each image's chain is the unguided one.
 """
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ import logging
 
 import torch
 
-from ..guidance.correlated_noise import eddy_noise
+from ..guidance.correlated_noise import blend, eddy_noise
+from ..guidance.coupling import couple_noise
 
 LOG = logging.getLogger("shielded_sampling")
 SEED_OFFSET = 0x5EED  # keeps the injected noise stream apart from the starting noise ComfyUI draws from the seed
+START_SEED_OFFSET = 0x57A7  # the independent half of a blended start
+
+
+def seeded_normal(like: torch.Tensor, seed, offset: int) -> torch.Tensor:
+    """iid ``N(0, I)`` shaped like ``like`` from a CPU generator seeded by ``seed + offset`` (reproducible)."""
+    gen = torch.Generator().manual_seed((int(seed or 0) + offset) % 2 ** 63)
+    return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.device, like.dtype)
 
 
 def accepts_noise_sampler(sampler) -> bool:
@@ -34,22 +43,31 @@ def accepts_noise_sampler(sampler) -> bool:
 class EddyNoiseRun:
     """Per-run state of EDDY's noise: the raw-noise generator, the latest prediction and a draw count."""
 
-    def __init__(self, like: torch.Tensor, seed, strength: float, embedding, bandwidth, sigma_window):
+    def __init__(self, like: torch.Tensor, seed, strength: float, embedding, bandwidth, sigma_window, grid=0):
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
         self.generator = torch.Generator().manual_seed((int(seed or 0) + SEED_OFFSET) % 2 ** 63)
         self.strength, self.embedding, self.bandwidth = strength, embedding, bandwidth
         self.sigma_low, self.sigma_high = sigma_window
+        self.grid = grid
         self.latest = None
         self.draws = self.correlated = 0
 
     def record(self, denoised: torch.Tensor):
         self.latest = denoised.detach()
 
+    def draw(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+
     def __call__(self, sigma, sigma_next=None) -> torch.Tensor:
-        z = torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+        z = self.draw()
         self.draws += 1
         s = float(torch.as_tensor(sigma).flatten()[0])
-        if self.latest is None or not self.sigma_low <= s <= self.sigma_high:
+        if not self.sigma_low <= s <= self.sigma_high:
+            return z
+        if self.grid:
+            self.correlated += 1
+            return blend(self.draw(), couple_noise(z, self.grid), self.strength)
+        if self.latest is None:
             return z
         with torch.no_grad():
             embedded = self.embedding(self.latest.float())

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..guidance.correlated_noise import eddy_noise
+from ..guidance.correlated_noise import blend, eddy_noise
 from ..guidance.coupling import couple_noise, design
 from ..guidance.eddy import eddy_drift
 from ..guidance.embeddings import make_embedding
 from ..guidance.particle import particle_guidance
-from .eddy_noise import EddyNoiseRun, accepts_noise_sampler
+from .eddy_noise import START_SEED_OFFSET, EddyNoiseRun, accepts_noise_sampler, seeded_normal
 
 LOG = logging.getLogger("shielded_sampling")
 CATEGORY = "sampling/shielded"
@@ -38,7 +38,9 @@ PG, EDDY, EDDY_DRIFT = "particle guidance", "EDDY", "EDDY drift (paper form)"
 MODES = (PG, EDDY, EDDY_DRIFT)
 SPACES = {"latent": "latent", "pooled NxN": "pooled", "colour": "colour", "edges": "edges"}
 EDDY_PROBES = 1
-COUPLINGS = {"independent": 0, "spread 1x1 (channel means)": 1, "spread 2x2": 2, "spread 4x4": 4, "spread 8x8": 8}
+COUPLINGS = {"auto": None, "independent": 0, "spread 1x1 (channel means)": 1, "spread 2x2": 2, "spread 4x4": 4,
+             "spread 8x8": 8}
+AUTO_EDDY_GRID = 2  # "auto" in EDDY mode: the 2x2 design, the best measured on the real model (BENCHMARKS.md)
 SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
 
 
@@ -51,7 +53,12 @@ class ParticleSettings:
     bandwidth: float
     start_percent: float
     end_percent: float
-    start_coupling: str = "independent"
+    start_coupling: str = "auto"
+
+    def grid(self) -> int:
+        """The coupling grid: 0 = independent; "auto" = the 2x2 design in EDDY mode, independent otherwise."""
+        value = COUPLINGS.get(self.start_coupling, 0)
+        return (AUTO_EDDY_GRID if self.mode == EDDY else 0) if value is None else value
 
     def validate(self):
         def fail(inp, msg):
@@ -74,7 +81,11 @@ class ParticleSettings:
         if self.mode == EDDY and not -1.0 <= self.strength <= 1.0:
             fail("strength", f"must lie in [-1, 1] in EDDY mode (the noise correlation; 1 = most spread), got "
                  f"{self.strength}")
-        if self.mode == EDDY_DRIFT and COUPLINGS[self.start_coupling]:
+        if self.mode == EDDY and self.grid() and self.strength < 0:
+            fail("strength", f"must lie in [0, 1] in EDDY mode with a spread design (start_coupling "
+                 f"{self.start_coupling!r}), got {self.strength}; negative strengths (a more alike batch) need "
+                 f"start_coupling 'independent'")
+        if self.mode == EDDY_DRIFT and self.grid():
             fail("start_coupling", f"must be 'independent' with mode '{EDDY_DRIFT}': the drift keeps each image's "
                  f"distribution only for independent starting noises (with a coupled start it shifts it); use "
                  f"mode 'EDDY' for exact spread")
@@ -140,13 +151,14 @@ class ParticlePatch:
         """Runs once per sampler run (``args`` = guider, sigmas, extra_args, callback, noise, ...): the sampler
         gets the coupled starting noise and, in EDDY mode, EDDY's noise sampler for this run only."""
         args = list(args)
-        if len(args) > 4:
-            noise = args[4] = self.couple(args[4])
-        else:
-            noise = kwargs["noise"] = self.couple(kwargs["noise"])
-        sampler = executor.class_obj
         extra_args = args[2] if len(args) > 2 else kwargs.get("extra_args", {})
-        run = self.start_noise_run(sampler, noise, extra_args.get("seed"))
+        seed = extra_args.get("seed")
+        if len(args) > 4:
+            noise = args[4] = self.start_noise(args[4], seed)
+        else:
+            noise = kwargs["noise"] = self.start_noise(kwargs["noise"], seed)
+        sampler = executor.class_obj
+        run = self.start_noise_run(sampler, noise, seed)
         if run is None:
             return executor(*args, **kwargs)
         options = sampler.extra_options
@@ -170,21 +182,37 @@ class ParticlePatch:
                      "sampler), so only the starting noise is coupled; ancestral/SDE samplers get more spread",
                      NODE)
             return None
+        grid = self.settings.grid() and self.clamped_grid(noise)
         return EddyNoiseRun(noise, seed, s.strength, self.embedding, s.bandwidth or None,
-                            (self.sigma_low, self.sigma_high))
+                            (self.sigma_low, self.sigma_high), grid)
 
-    def couple(self, noise: torch.Tensor) -> torch.Tensor:
-        grid = COUPLINGS[self.settings.start_coupling]
-        if not grid:
-            return self.eddy_start(noise)
-        if noise.shape[0] < 2:
-            LOG.info("%s: start coupling: batch size 1, the noise is left as it is", NODE)
-            return noise
+    def start_noise(self, noise: torch.Tensor, seed) -> torch.Tensor:
+        """The starting noise: EDDY's (design blended by strength, or kernel-free correlation), the start
+        coupling design alone (other modes), or unchanged."""
+        s = self.settings
+        if s.mode == EDDY:
+            if noise.shape[0] < 2 or s.strength == 0:
+                return noise
+            if not s.grid():
+                LOG.info("%s: EDDY: starting noises correlated across the batch of %d (strength %g); every image "
+                         "keeps an exact N(0, I) noise", NODE, noise.shape[0], s.strength)
+                return eddy_noise(noise, s.strength)
+            independent = seeded_normal(noise, seed, START_SEED_OFFSET)
+            return blend(independent, self.couple(noise), s.strength)
+        return self.couple(noise) if s.grid() else noise
+
+    def clamped_grid(self, noise: torch.Tensor) -> int:
         if noise.dim() not in (4, 5):
             raise ValueError(f"{NODE}: input 'start_coupling' needs image or video latents ([N, C, H, W] or "
                              f"[N, C, T, H, W]) but this sampler's noise has shape {tuple(noise.shape)}; set "
                              f"start_coupling to 'independent' for this model")
-        grid = min(grid, noise.shape[-2], noise.shape[-1])
+        return min(self.settings.grid(), noise.shape[-2], noise.shape[-1])
+
+    def couple(self, noise: torch.Tensor) -> torch.Tensor:
+        if noise.shape[0] < 2:
+            LOG.info("%s: start coupling: batch size 1, the noise is left as it is", NODE)
+            return noise
+        grid = self.clamped_grid(noise)
         m = noise.shape[1] * grid * grid
         _, kind = design(noise.shape[0], m)
         LOG.info("%s: start noise coupled on a %dx%d grid (%d coordinates per image, %s, batch %d): every image "
@@ -192,19 +220,10 @@ class ParticlePatch:
                  NODE, grid, grid, m, kind, noise.shape[0])
         return couple_noise(noise, grid)
 
-    def eddy_start(self, noise: torch.Tensor) -> torch.Tensor:
-        """EDDY without a start_coupling design: the starting noises correlated with equal weights."""
-        s = self.settings
-        if s.mode != EDDY or noise.shape[0] < 2 or s.strength == 0:
-            return noise
-        LOG.info("%s: EDDY: starting noises correlated across the batch of %d (strength %g); every image keeps "
-                 "an exact N(0, I) noise", NODE, noise.shape[0], s.strength)
-        return eddy_noise(noise, s.strength)
-
     def apply(self, model):
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self)
-        if COUPLINGS[self.settings.start_coupling] or self.settings.mode == EDDY:
+        if self.settings.grid() or self.settings.mode == EDDY:
             patched.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
         return patched
 
@@ -259,21 +278,22 @@ class ParticleGuidance:
             "end_percent": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.001,
                                       "tooltip": "End of the active window (Corso et al. stop at sigma = 1, about "
                                                  "0.6 of an SD1.5 schedule; 1 = last step)."}),
-            "start_coupling": (list(COUPLINGS), {"default": "independent",
-                                                 "tooltip": "independent: the usual independent starting noises. "
-                                                            "spread GxG: the batch's starting noises are spread "
-                                                            "apart in their coarse GxG layout (per channel; 1x1 = "
-                                                            "channel means) while every image keeps an exactly "
-                                                            "standard-normal noise, so each image is distributed "
-                                                            "exactly as an unguided one. Adds the most spread to "
-                                                            "small batches (2-4). Works with strength 0 (coupling "
-                                                            "alone), with particle guidance and with EDDY (which "
-                                                            "otherwise correlates the whole starting noise); not "
-                                                            "with EDDY drift."}),
+            "start_coupling": (list(COUPLINGS), {"default": "auto",
+                                                 "tooltip": "auto: 'spread 2x2' in EDDY mode, independent "
+                                                            "otherwise. independent: the usual independent "
+                                                            "starting noises (EDDY then correlates the whole noise "
+                                                            "by the look-alike kernel). spread GxG: the batch's "
+                                                            "noises are spread apart in their coarse GxG layout "
+                                                            "(per channel; 1x1 = channel means) while every image "
+                                                            "keeps an exactly standard-normal noise, so each image "
+                                                            "is distributed exactly as an unguided one; in EDDY "
+                                                            "mode also every fresh noise draw of ancestral/SDE "
+                                                            "samplers, blended by strength. Adds the most spread "
+                                                            "to small batches (2-4). Not with EDDY drift."}),
         }}
 
     def apply(self, model, mode, strength, space, pool_size, bandwidth, start_percent, end_percent,
-              start_coupling="independent"):
+              start_coupling="auto"):
         settings = ParticleSettings(mode=mode, strength=float(strength), space=space, pool_size=int(pool_size),
                                     bandwidth=float(bandwidth), start_percent=float(start_percent),
                                     end_percent=float(end_percent), start_coupling=start_coupling)

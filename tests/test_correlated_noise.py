@@ -121,3 +121,21 @@ def test_correlated_chain_keeps_every_sample_law_and_spreads_the_batch():
     assert ks_statistic(eddy.flatten(), plain.flatten()) < 0.030
     for position in range(n):                           # every slot of the batch, not only the pooled law
         assert ks_statistic(eddy[:, position], plain[:, position]) < 1.63 * math.sqrt(2 / batches)
+
+
+def test_blend_interpolates_between_independent_and_coupled_noise_with_unit_variance():
+    from guidance.correlated_noise import blend
+    from guidance.coupling import couple_noise
+    gen = torch.Generator().manual_seed(9)
+    w, z = torch.randn(4, 1, 64, 64, generator=gen), torch.randn(4, 1, 64, 64, generator=gen)
+    coupled = couple_noise(z, 2)
+    assert blend(w, coupled, 1.0) is coupled
+    torch.testing.assert_close(blend(w, coupled, 0.0), w)
+    draws = torch.randn(4000, 4, 1, 8, 8, generator=gen), torch.randn(4000, 4, 1, 8, 8, generator=gen)
+    mixed = torch.stack([blend(a, couple_noise(b, 2), 0.6) for a, b in zip(*draws)])   # [4000, 4, 1, 8, 8]
+    pooled = mixed.reshape(4000, 4, 1, 2, 4, 2, 4).sum((4, 6)).flatten(2) / 4            # orthonormal 2x2 coordinates
+    assert abs(float(pooled.var()) - 1) < 0.03 and abs(float(mixed.var()) - 1) < 0.01
+    inner = (pooled[:, 0] * pooled[:, 1]).sum(-1).mean() / pooled.shape[-1]              # E <c_0, c_1> / m
+    assert -0.36 * 0.45 < float(inner) < -0.36 * 0.2                                      # s^2 x (negative design)
+    with pytest.raises(ValueError, match="-0.5"):
+        blend(w, coupled, -0.5)
