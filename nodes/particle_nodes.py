@@ -230,9 +230,9 @@ class ParticlePatch:
 
 class ParticleGuidance:
     DESCRIPTION = ("Makes the images of a batch differ more. particle guidance (Corso et al. 2024) pushes the "
-                   "predicted images apart (strong, but shifts what each image looks like). EDDY correlates the "
-                   "random noise of the batch so look-alike images get opposite noise: every image keeps exactly "
-                   "the distribution it has without the node, the batch spreads. Start coupling spreads the "
+                   "predicted images apart (strong, but shifts what each image looks like). EDDY couples the "
+                   "random noise of the batch so the images' noises point apart: every image keeps exactly the "
+                   "distribution it has without the node, the batch spreads. Start coupling spreads the "
                    "starting noises the same exact way. Batch size 1: no effect.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -246,7 +246,8 @@ class ParticleGuidance:
                                    "tooltip": "particle guidance: dense RBF repulsion of the predicted images (most "
                                               "spread, but shifts each image's distribution). EDDY: the batch's "
                                               "starting noise and the fresh noise of ancestral/SDE samplers are "
-                                              "correlated so look-alike images get opposite noise; each image "
+                                              "coupled so the images' noises point apart (see start_coupling); "
+                                              "each image "
                                               "stays exactly distributed as without the node (best with "
                                               "euler_ancestral, dpmpp_2m_sde, ...; ODE samplers such as euler or "
                                               "dpmpp_2m only get the coupled start). EDDY drift (paper form): the "
@@ -256,9 +257,9 @@ class ParticleGuidance:
             "strength": ("FLOAT", {"default": 0.2, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "particle guidance: the prediction moves by strength x sigma x a "
                                               "kernel-weighted unit-free direction away from the other samples "
-                                              "(0.05-0.5 is typical). EDDY: noise correlation in [-1, 1]; 1 = "
-                                              "look-alikes get the most opposite noise (most spread), negative "
-                                              "values pull the batch together. EDDY drift: factor on the drift "
+                                              "(0.05-0.5 is typical). EDDY: how much noise is coupled, 0..1 "
+                                              "(1 = most spread); with start_coupling 'independent' the "
+                                              "look-alike correlation in [-1, 1], negative = a more alike batch. EDDY drift: factor on the drift "
                                               "added to dx/dsigma (0.1-0.5; 1 and more can make the steps "
                                               "unstable)."}),
             "space": (list(SPACES), {"default": "pooled NxN",
