@@ -126,14 +126,13 @@ export const SPECS = [
       "coupling alone). The lower sampler uses the same seed without guidance, for comparison. Batch size 1 " +
       "has no effect.")),
   particleBatchSpec("eddy_diverse_batch", "eddy", "euler_ancestral", { mode: "EDDY", strength: 1.0,
-    space: "pooled NxN", pool_size: 8, start_coupling: "independent" },
-    note(20, 680, "EDDY: a more varied batch with no change to any single image's distribution. Each " +
-      "image is distributed exactly as it would be without the node; only the noise is shared out across the " +
-      "batch, so images that look alike (in the chosen space) get opposite noise and drift apart. strength 1 " +
-      "= most spread, 0 = off, negative = more alike. Strongest with ancestral/SDE samplers (euler_ancestral, " +
-      "dpmpp_2m_sde, ...), which draw fresh noise every step; with ODE samplers (euler, dpmpp_2m) only the " +
-      "starting noise is coupled. The lower sampler uses the same seed without the node, for comparison. " +
-      "Batch size 1 has no effect.")),
+    space: "pooled NxN", pool_size: 8, start_coupling: "auto" },
+    note(20, 680, "EDDY: a more varied batch; every image keeps exactly the distribution it has without the " +
+      "node. start_coupling 'auto' spreads the coarse 2x2 layout of the batch's starting noise and of every " +
+      "fresh noise draw of ancestral/SDE samplers (euler_ancestral, dpmpp_2m_sde, ...; ODE samplers such as " +
+      "euler get only the start). strength 0..1 blends it in (1 = most spread). 'independent' instead " +
+      "correlates the whole noise by a look-alike kernel (space, pool_size). The lower sampler uses the same " +
+      "seed without the node, for comparison. Batch size 1 has no effect.")),
   {
     file: "spell_protect_folder",
     nodes: {
@@ -171,7 +170,8 @@ export const SPECS = [
       dng: { type: "ShieldedDynamicNegativeGuidance", pos: [780, 20],
         widgets: { scale: 12.0, prior: 0.01, temperature: 0.2, offset: 0.002 } },
       particle: { type: "ParticleGuidance", pos: [780, 400],
-        widgets: { mode: "particle guidance", strength: 0.3, space: "pooled NxN", pool_size: 8 } },
+        widgets: { mode: "particle guidance", strength: 0.3, space: "pooled NxN", pool_size: 8,
+          start_coupling: "independent" } },
       sampler: spellSampler(1180, 20, { radius: 0.2, intra_batch: true, history: true, history_name: "feast" }),
       decode: decode(1580, 20),
       save: save(1800, 20, "combined"),
