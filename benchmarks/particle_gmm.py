@@ -20,9 +20,12 @@ Methods (``x0``, ``z`` and the raw noise shared by all rows of a sampler):
   ``eddy_noise(z, strength)`` (equal weights) and, in the ancestral sampler, every fresh draw correlated by
   ``eddy_noise(z, strength, embedded=D(x) of the batch)`` (kernel weights, median bandwidth). Each particle's
   noise is exactly ``N(0, I)`` given the past, so each particle's chain is exactly the unguided chain;
-- EDDY (start design): the start replaced by the exact-marginal design coupling
-  ``guidance.coupling.coupled_coordinates`` (in 2-D the whole space is coupled: ``z_i' = ||z_i|| Q d_i``); in the
-  ancestral sampler plus the kernel-correlated fresh noise at strength 1;
+- EDDY (design) (Heun) / EDDY (design, every draw) (ancestral): the product's EDDY mode with start_coupling
+  "auto": the exact-marginal design coupling ``guidance.coupling.coupled_coordinates`` (in 2-D the whole space is
+  coupled: ``z_i' = ||z_i|| Q d_i``) blended by strength, ``blend(w, design(z), s) = sqrt(1 - s^2) w +
+  s design(z)`` with ``w`` an independent draw (``guidance.correlated_noise.blend``; exactly ``N(0, I)`` per
+  sample), for the starting noise and, in the ancestral sampler, for every fresh draw (``w`` from a separate
+  seeded generator, so the rows are reproducible and the raw draws ``z`` are those of every other row);
 - EDDY drift + coupled start (Heun): the drift on top of the design start, to show that this combination shifts
   the marginal (the drift preserves the law only of independently started particles).
 
@@ -50,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark script: run from a checkout
 
-from guidance.correlated_noise import eddy_noise  # noqa: E402
+from guidance.correlated_noise import blend, eddy_noise  # noqa: E402
 from guidance.coupling import coupled_coordinates  # noqa: E402
 from guidance.eddy import eddy_drift  # noqa: E402
 from guidance.particle import particle_guidance  # noqa: E402
@@ -67,10 +70,13 @@ EDDY_STRENGTHS = [0.5, 1.0]       # noise correlation strength, |s| <= 1
 DRIFT_WITH_COUPLING = 0.5
 WINDOW = (0.2, SIGMA_MAX)         # PG and the drift act for sigma in this range
 NOISE_SEED = 1                    # fresh-noise generator of the ancestral sampler, the same in every row
+BLEND_START_SEED = 2              # the independent half w0 of a blended design start
+BLEND_NOISE_SEED = 3              # the independent halves w of the blended design fresh draws
 SAMPLERS = ("heun", "ancestral")
 SAMPLER_TITLES = {"heun": "Heun probability-flow ODE", "ancestral": "Euler ancestral (eta 1)"}
 UNGUIDED, PG, DRIFT = "unguided", "PG", "EDDY drift"
-EDDY, DESIGN, DRIFT_COUPLED = "EDDY", "EDDY (start design)", "EDDY drift + coupled start"
+EDDY, DRIFT_COUPLED = "EDDY", "EDDY drift + coupled start"
+DESIGN, DESIGN_DRAWS = "EDDY (design)", "EDDY (design, every draw)"  # Heun (start only) / ancestral
 
 
 def gmm_sample(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -121,6 +127,12 @@ def coupled_start(z: torch.Tensor, n: int) -> torch.Tensor:
     return per_batch(coupled_coordinates, z, n)
 
 
+def design_start(z: torch.Tensor, n: int, strength: float) -> torch.Tensor:
+    """EDDY's starting noise with start_coupling "auto": ``blend(w0, design(z), s)`` inside each batch of ``n``."""
+    w0 = torch.randn(z.shape, generator=torch.Generator().manual_seed(BLEND_START_SEED), dtype=z.dtype)
+    return blend(w0, coupled_start(z, n), strength)
+
+
 def eddy_start(z: torch.Tensor, n: int, strength: float) -> torch.Tensor:
     """EDDY's starting noise: ``z`` correlated with equal weights inside each batch of ``n``."""
     return per_batch(lambda zb: eddy_noise(zb, strength), z, n)
@@ -133,18 +145,30 @@ def kernel_correlation(n: int, strength: float):
     return correlate
 
 
+def design_correlation(n: int, strength: float):
+    """The sampler's ``correlate`` hook for EDDY with the design: every fresh draw ``blend(w, design(z), s)``."""
+    gen = torch.Generator().manual_seed(BLEND_NOISE_SEED)
+
+    def correlate(z, denoised, sigma):
+        w = torch.randn(z.shape, generator=gen, dtype=z.dtype)
+        return blend(w, coupled_start(z, n), strength)
+    return correlate
+
+
 def row_specs(sampler: str):
-    """``(method, strength, start, guide mode, guide strength, fresh-noise correlation strength)`` per row."""
+    """``(method, strength, start, guide mode, guide strength, fresh noise)`` per row; start "independent",
+    "design" (the pure design) or ``(kind, s)`` with kind "eddy"/"design"; fresh noise 0 (iid), ``s`` (kernel
+    ``eddy_noise``) or ``("design", s)`` (design blended by ``s``)."""
     rows = [(UNGUIDED, 0.0, "independent", "none", 0.0, 0.0)]
     rows += [(PG, s, "independent", "pg", s, 0.0) for s in PG_STRENGTHS[sampler]]
     rows += [(DRIFT, s, "independent", "eddy", s, 0.0) for s in DRIFT_STRENGTHS]
     if sampler == "heun":
         rows += [(EDDY, s, ("eddy", s), "none", 0.0, 0.0) for s in EDDY_STRENGTHS]
-        rows += [(DESIGN, 0.0, "design", "none", 0.0, 0.0),
-                 (DRIFT_COUPLED, DRIFT_WITH_COUPLING, "design", "eddy", DRIFT_WITH_COUPLING, 0.0)]
+        rows += [(DESIGN, s, ("design", s), "none", 0.0, 0.0) for s in EDDY_STRENGTHS]
+        rows += [(DRIFT_COUPLED, DRIFT_WITH_COUPLING, "design", "eddy", DRIFT_WITH_COUPLING, 0.0)]
     else:
         rows += [(EDDY, s, ("eddy", s), "none", 0.0, s) for s in EDDY_STRENGTHS]
-        rows += [(DESIGN, 1.0, "design", "none", 0.0, 1.0)]
+        rows += [(DESIGN_DRAWS, s, ("design", s), "none", 0.0, ("design", s)) for s in EDDY_STRENGTHS]
     return rows
 
 
@@ -153,13 +177,17 @@ def run_row(sampler, spec, n, x0, z, sigmas):
     if start == "design":
         z = coupled_start(z, n)
     elif start != "independent":
-        z = eddy_start(z, n, start[1])
+        z = (design_start if start[0] == "design" else eddy_start)(z, n, start[1])
+    if isinstance(corr, tuple):
+        correlate = design_correlation(n, corr[1])
+    else:
+        correlate = kernel_correlation(n, corr) if corr else None
     model = Guided(mode, strength, n)
     if sampler == "heun":
         return sample_heun(model, x0 + SIGMA_MAX * z, sigmas)
     return sample_euler_ancestral(model, x0 + SIGMA_MAX * z, sigmas, eta=1.0,
                                   generator=torch.Generator().manual_seed(NOISE_SEED),
-                                  correlate=kernel_correlation(n, corr) if corr else None)
+                                  correlate=correlate)
 
 
 def batch_spreads(samples: torch.Tensor, n: int):
@@ -258,8 +286,7 @@ def print_table(rows, sampler):
           "| bound on squared, N/(N-1) | sliced W1 to exact | energy p vs unguided | energy p vs exact, 1 per batch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in (r for r in rows if r["sampler"] == sampler):
-        strength = "–" if r["method"] == DESIGN and sampler == "heun" else f"{r['strength']:g}"
-        head = f"| {r['n']} | {r['method']} | {strength} |"
+        head = f"| {r['n']} | {r['method']} | {r['strength']:g} |"
         bound = f"+{1 / (r['n'] - 1):.1%}"
         if r["diverged"]:
             big = float(r["out"].abs().nan_to_num(float("inf")).max())
@@ -300,13 +327,11 @@ def main():
 
 
 STYLE = {UNGUIDED: ("C0", "o"), PG: ("C3", "o"), DRIFT: ("C8", "v"), EDDY: ("C2", "D"), DESIGN: ("C4", "*"),
-         DRIFT_COUPLED: ("C1", "X")}
+         DESIGN_DRAWS: ("C4", "*"), DRIFT_COUPLED: ("C1", "X")}
 
 
 def _label(r) -> str:
-    strength = f" {r['strength']:g}" if r["strength"] and not (r["method"] == DESIGN and r["sampler"] == "heun") \
-        else ""
-    return r["method"] + strength
+    return r["method"] + (f" {r['strength']:g}" if r["strength"] else "")
 
 
 def _pick(rows, sampler, n, method, strength=None):
@@ -363,7 +388,7 @@ def plot_tradeoff(ax, rows, n, floor, floor_std):
             ax.plot([r["change"][0] * 100 for r in pts], [r["w1"] for r in pts], ls=ls, marker=marker,
                     fillstyle=fill, ms=12 if marker in "*X" else 7, c=colour, label=label)
             for r in pts:
-                if r["strength"] and method in (PG, EDDY, DRIFT):
+                if r["strength"] and method in (PG, EDDY, DRIFT, DESIGN, DESIGN_DRAWS):
                     ax.annotate(f"{r['strength']:g}", (r["change"][0] * 100, r["w1"]), textcoords="offset points",
                                 xytext=(5, 3), fontsize=7, color=colour)
     ax.axhspan(floor - floor_std, floor + floor_std, color="0.88", label="W1 noise floor (iid)")
@@ -378,12 +403,13 @@ def plot_bound(ax, rows):
     """Exact-marginal rows: squared-distance gain against the N/(N-1) bound, and the distance gain."""
     picks = (("heun", EDDY, 1.0, "EDDY 1 (Heun: start only)", "C2", ""),
              ("ancestral", EDDY, 1.0, "EDDY 1 (ancestral)", "C2", "//"),
-             ("heun", DESIGN, None, "EDDY start design (Heun)", "C4", ""))
-    width = 0.26
+             ("heun", DESIGN, 1.0, "EDDY (design) 1 (Heun: start only)", "C4", ""),
+             ("ancestral", DESIGN_DRAWS, 1.0, "EDDY (design, every draw) 1 (ancestral)", "C4", "//"))
+    width = 0.2
     x = np.arange(len(BATCH_SIZES))
     for k, (sampler, method, strength, label, colour, hatch) in enumerate(picks):
         rs = [_pick(rows, sampler, n, method, strength) for n in BATCH_SIZES]
-        pos = x + (k - 1) * width
+        pos = x + (k - (len(picks) - 1) / 2) * width
         ax.bar(pos, [r["change_sq"][0] * 100 for r in rs], width, color=colour, alpha=0.45, hatch=hatch,
                edgecolor=colour, label=f"{label}: squared distance")
         ax.scatter(pos, [r["change"][0] * 100 for r in rs], marker="o", c="k", s=25, zorder=3,
