@@ -22,8 +22,8 @@ Methods (``x0``, ``z`` and the raw noise shared by all rows of a sampler):
   noise is exactly ``N(0, I)`` given the past, so each particle's chain is exactly the unguided chain;
 - EDDY (design) (Heun) / EDDY (design, every draw) (ancestral): the product's EDDY mode with start_coupling
   "auto": the exact-marginal design coupling ``guidance.coupling.coupled_coordinates`` (in 2-D the whole space is
-  coupled: ``z_i' = ||z_i|| Q d_i``) blended by strength, ``blend(w, design(z), s) = sqrt(1 - s^2) w +
-  s design(z)`` with ``w`` an independent draw (``guidance.correlated_noise.blend``; exactly ``N(0, I)`` per
+  coupled: ``z_i' = ||z_i|| Q d_i``) blended by strength, ``blend(w, design(z), s) = sqrt(1 - s) w +
+  sqrt(s) design(z)`` with ``w`` an independent draw (``guidance.correlated_noise.blend``; exactly ``N(0, I)`` per
   sample), for the starting noise and, in the ancestral sampler, for every fresh draw (``w`` from a separate
   seeded generator, so the rows are reproducible and the raw draws ``z`` are those of every other row);
 - EDDY drift + coupled start (Heun): the drift on top of the design start, to show that this combination shifts

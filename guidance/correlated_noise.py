@@ -28,8 +28,9 @@ the most negative exchangeable Gaussian coupling. Noise ``xi = (C^{1/2} (x) I) z
 
 The design alternative. ``guidance.coupling.couple_noise(z, grid)`` (the start coupling's rigid simplex design on
 a coarse grid) is exact for one draw too and leaves no look-alike pair in the coupled coordinates, which made it
-the stronger choice on a real model (BENCHMARKS.md). ``blend`` gives it a strength: ``sqrt(1 - s^2) w + s c``
-with ``w`` an independent iid draw and ``c`` the coupled one is again exactly ``N(0, I)`` per sample.
+the stronger choice on a real model (BENCHMARKS.md). ``blend`` gives it a strength: ``sqrt(1 - s) w + sqrt(s) c``
+with ``w`` an independent iid draw and ``c`` the coupled one is again exactly ``N(0, I)`` per sample, with ``s``
+times the design's cross-sample covariance (linear in ``s``, like ``C`` above).
 """
 from __future__ import annotations
 
@@ -81,13 +82,13 @@ def correlate(z: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
 
 
 def blend(independent: torch.Tensor, coupled: torch.Tensor, strength: float) -> torch.Tensor:
-    """``sqrt(1 - s^2) w + s c``: exactly ``N(0, I)`` per sample when ``w`` is an independent iid draw and every
-    ``c_i`` is ``N(0, I)``; cross-sample covariance ``s^2 Cov(c_i, c_j)``."""
+    """``sqrt(1 - s) w + sqrt(s) c``: exactly ``N(0, I)`` per sample when ``w`` is an independent iid draw and
+    every ``c_i`` is ``N(0, I)``; cross-sample covariance ``s Cov(c_i, c_j)``."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"blend strength must lie in [0, 1], got {strength}")
     if strength == 1.0:
         return coupled
-    return (1 - strength ** 2) ** 0.5 * independent + strength * coupled
+    return (1 - strength) ** 0.5 * independent + strength ** 0.5 * coupled
 
 
 def eddy_noise(z: torch.Tensor, strength: float, embedded: torch.Tensor = None, bandwidth=None) -> torch.Tensor:
