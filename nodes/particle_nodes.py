@@ -40,7 +40,8 @@ SPACES = {"latent": "latent", "pooled NxN": "pooled", "colour": "colour", "edges
 EDDY_PROBES = 1
 COUPLINGS = {"auto": None, "independent": 0, "spread 1x1 (channel means)": 1, "spread 2x2": 2, "spread 4x4": 4,
              "spread 8x8": 8}
-AUTO_EDDY_GRID = 2  # "auto" in EDDY mode: the 2x2 design, the best measured on the real model (BENCHMARKS.md)
+AUTO = -1           # "auto" in EDDY mode: resolved per latent by ``auto_grid``
+AUTO_COORDINATES = 16  # coupled numbers per image that "auto" asks for (terrain chain: 16 spread it, 4 barely)
 SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
 
 
@@ -56,9 +57,9 @@ class ParticleSettings:
     start_coupling: str = "auto"
 
     def grid(self) -> int:
-        """The coupling grid: 0 = independent; "auto" = the 2x2 design in EDDY mode, independent otherwise."""
+        """The coupling grid: 0 = independent, ``AUTO`` = "auto" in EDDY mode (resolved per latent), else G."""
         value = COUPLINGS.get(self.start_coupling, 0)
-        return (AUTO_EDDY_GRID if self.mode == EDDY else 0) if value is None else value
+        return (AUTO if self.mode == EDDY else 0) if value is None else value
 
     def validate(self):
         def fail(inp, msg):
@@ -89,6 +90,12 @@ class ParticleSettings:
             fail("start_coupling", f"must be 'independent' with mode '{EDDY_DRIFT}': the drift keeps each image's "
                  f"distribution only for independent starting noises (with a coupled start it shifts it); use "
                  f"mode 'EDDY' for exact spread")
+
+
+def auto_grid(channels: int) -> int:
+    """The coarsest grid with at least ``AUTO_COORDINATES`` coupled numbers per image: 2x2 for 4-channel latents
+    (SD1.5/SDXL), 4x4 for 1-channel, 1x1 for 16-channel (SD3, Flux)."""
+    return next((g for g in (1, 2, 4, 8) if channels * g * g >= AUTO_COORDINATES), 8)
 
 
 def flow_alpha(model_sampling, sigma: float) -> float:
@@ -182,7 +189,7 @@ class ParticlePatch:
                      "sampler), so only the starting noise is coupled; ancestral/SDE samplers get more spread",
                      NODE)
             return None
-        grid = self.settings.grid() and self.clamped_grid(noise)
+        grid = self.resolved_grid(noise)
         return EddyNoiseRun(noise, seed, s.strength, self.embedding, s.bandwidth or None,
                             (self.sigma_low, self.sigma_high), grid)
 
@@ -193,7 +200,7 @@ class ParticlePatch:
         if s.mode == EDDY:
             if noise.shape[0] < 2 or s.strength == 0:
                 return noise
-            if not s.grid():
+            if not self.resolved_grid(noise):
                 LOG.info("%s: EDDY: starting noises correlated across the batch of %d (strength %g); every image "
                          "keeps an exact N(0, I) noise", NODE, noise.shape[0], s.strength)
                 return eddy_noise(noise, s.strength)
@@ -201,12 +208,20 @@ class ParticlePatch:
             return blend(independent, self.couple(noise), s.strength)
         return self.couple(noise) if s.grid() else noise
 
+    def resolved_grid(self, noise: torch.Tensor) -> int:
+        """The grid for this latent: "auto" falls back to 0 (the kernel correlation) for non-image latents."""
+        if self.settings.grid() == AUTO and noise.dim() not in (4, 5):
+            return 0
+        return self.settings.grid() and self.clamped_grid(noise)
+
     def clamped_grid(self, noise: torch.Tensor) -> int:
         if noise.dim() not in (4, 5):
             raise ValueError(f"{NODE}: input 'start_coupling' needs image or video latents ([N, C, H, W] or "
                              f"[N, C, T, H, W]) but this sampler's noise has shape {tuple(noise.shape)}; set "
                              f"start_coupling to 'independent' for this model")
-        return min(self.settings.grid(), noise.shape[-2], noise.shape[-1])
+        grid = self.settings.grid()
+        grid = auto_grid(noise.shape[1]) if grid == AUTO else grid
+        return min(grid, noise.shape[-2], noise.shape[-1])
 
     def couple(self, noise: torch.Tensor) -> torch.Tensor:
         if noise.shape[0] < 2:
@@ -280,9 +295,11 @@ class ParticleGuidance:
                                       "tooltip": "End of the active window (Corso et al. stop at sigma = 1, about "
                                                  "0.6 of an SD1.5 schedule; 1 = last step)."}),
             "start_coupling": (list(COUPLINGS), {"default": "auto",
-                                                 "tooltip": "auto: 'spread 2x2' in EDDY mode, independent "
-                                                            "otherwise. independent: the usual independent "
-                                                            "starting noises (EDDY then correlates the whole noise "
+                                                 "tooltip": "auto: in EDDY mode the coarsest spread grid "
+                                                            "with >= 16 numbers per image (2x2 for SD1.5/SDXL "
+                                                            "latents, 1x1 for 16-channel SD3/Flux ones); "
+                                                            "independent in the other modes. independent: the "
+                                                            "usual independent starting noises (EDDY then correlates the whole noise "
                                                             "by the look-alike kernel). spread GxG: the batch's "
                                                             "noises are spread apart in their coarse GxG layout "
                                                             "(per channel; 1x1 = channel means) while every image "

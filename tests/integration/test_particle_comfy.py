@@ -274,6 +274,7 @@ def test_eddy_auto_blends_the_2x2_design_into_the_start(comfy_nodes, particle_no
 def test_node_default_start_coupling_is_auto(particle_nodes):
     inputs = particle_nodes.ParticleGuidance.INPUT_TYPES()["required"]
     assert inputs["start_coupling"][1]["default"] == "auto"
+    assert [particle_nodes.auto_grid(c) for c in (1, 4, 16)] == [4, 2, 1]    # >= 16 coupled numbers per image
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
