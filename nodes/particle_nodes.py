@@ -204,6 +204,9 @@ class ParticlePatch:
                 LOG.info("%s: EDDY: starting noises correlated across the batch of %d (strength %g); every image "
                          "keeps an exact N(0, I) noise", NODE, noise.shape[0], s.strength)
                 return eddy_noise(noise, s.strength)
+            if s.strength < 1:
+                LOG.info("%s: EDDY strength %g blends the spread design with independent noise; on a real model "
+                         "the spread fell off quickly below 1 (BENCHMARKS.md), so 1 is recommended", NODE, s.strength)
             independent = seeded_normal(noise, seed, START_SEED_OFFSET)
             return blend(independent, self.couple(noise), s.strength)
         return self.couple(noise) if s.grid() else noise
