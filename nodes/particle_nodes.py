@@ -276,10 +276,11 @@ class ParticleGuidance:
                                    "tooltip": "particle guidance: the prediction moves by strength x sigma x a "
                                               "kernel-weighted unit-free direction away from the other samples "
                                               "(0.05-0.5 is typical). EDDY: how much noise is coupled, 0..1 "
-                                              "(use 1: on a real model the spread fell off quickly below it); with start_coupling 'independent' the "
-                                              "look-alike correlation in [-1, 1], negative = a more alike batch. EDDY drift: factor on the drift "
-                                              "added to dx/dsigma (0.1-0.5; 1 and more can make the steps "
-                                              "unstable)."}),
+                                              "(use 1: on a real model the spread fell off quickly below it); "
+                                              "with start_coupling 'independent' the look-alike correlation in "
+                                              "[-1, 1], negative = a more alike batch. EDDY drift: factor on "
+                                              "the drift added to dx/dsigma (0.1-0.5; 1 and more can make the "
+                                              "steps unstable)."}),
             "space": (list(SPACES), {"default": "pooled NxN",
                                      "tooltip": "Where similarity is measured (EDDY: which images count as "
                                                 "look-alikes): latent (whole latent; repels little in high "
@@ -302,8 +303,9 @@ class ParticleGuidance:
                                                             "with >= 16 numbers per image (2x2 for SD1.5/SDXL "
                                                             "latents, 1x1 for 16-channel SD3/Flux ones); "
                                                             "independent in the other modes. independent: the "
-                                                            "usual independent starting noises (EDDY then correlates the whole noise "
-                                                            "by the look-alike kernel). spread GxG: the batch's "
+                                                            "usual independent starting noises (EDDY then "
+                                                            "correlates the whole noise by the look-alike "
+                                                            "kernel). spread GxG: the batch's "
                                                             "noises are spread apart in their coarse GxG layout "
                                                             "(per channel; 1x1 = channel means) while every image "
                                                             "keeps an exactly standard-normal noise, so each image "
