@@ -20,12 +20,22 @@ from ..guidance.coupling import couple_noise
 LOG = logging.getLogger("shielded_sampling")
 SEED_OFFSET = 0x5EED  # keeps the injected noise stream apart from the starting noise ComfyUI draws from the seed
 START_SEED_OFFSET = 0x57A7  # the independent half of a blended start
+BLEND_SEED_OFFSET = 0xB1E0  # the independent half of blended fresh draws (drawn only when strength < 1)
+
+
+def seeded_generator(seed, offset: int) -> torch.Generator:
+    """A CPU generator seeded by ``seed + offset`` (runs are reproducible from the sampler's seed)."""
+    return torch.Generator().manual_seed((int(seed or 0) + offset) % 2 ** 63)
+
+
+def normal(shape, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """iid ``N(0, I)`` of ``shape``, drawn on the CPU (device-independent streams) and moved to ``device``."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
 
 
 def seeded_normal(like: torch.Tensor, seed, offset: int) -> torch.Tensor:
-    """iid ``N(0, I)`` shaped like ``like`` from a CPU generator seeded by ``seed + offset`` (reproducible)."""
-    gen = torch.Generator().manual_seed((int(seed or 0) + offset) % 2 ** 63)
-    return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.device, like.dtype)
+    """iid ``N(0, I)`` shaped like ``like`` from ``seeded_generator(seed, offset)``."""
+    return normal(like.shape, seeded_generator(seed, offset), like.device, like.dtype)
 
 
 def accepts_noise_sampler(sampler) -> bool:
@@ -45,7 +55,8 @@ class EddyNoiseRun:
 
     def __init__(self, like: torch.Tensor, seed, strength: float, embedding, bandwidth, sigma_window, grid=0):
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
-        self.generator = torch.Generator().manual_seed((int(seed or 0) + SEED_OFFSET) % 2 ** 63)
+        self.generator = seeded_generator(seed, SEED_OFFSET)
+        self.blend_generator = seeded_generator(seed, BLEND_SEED_OFFSET)
         self.strength, self.embedding, self.bandwidth = strength, embedding, bandwidth
         self.sigma_low, self.sigma_high = sigma_window
         self.grid = grid
@@ -55,18 +66,21 @@ class EddyNoiseRun:
     def record(self, denoised: torch.Tensor):
         self.latest = denoised.detach()
 
-    def draw(self) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        return normal(self.shape, generator, self.device, self.dtype)
 
     def __call__(self, sigma, sigma_next=None) -> torch.Tensor:
-        z = self.draw()
+        z = self.draw(self.generator)
         self.draws += 1
         s = float(torch.as_tensor(sigma).flatten()[0])
         if not self.sigma_low <= s <= self.sigma_high:
             return z
         if self.grid:
             self.correlated += 1
-            return blend(self.draw(), couple_noise(z, self.grid), self.strength)
+            coupled = couple_noise(z, self.grid)
+            if self.strength == 1:
+                return coupled
+            return blend(self.draw(self.blend_generator), coupled, self.strength)
         if self.latest is None:
             return z
         with torch.no_grad():

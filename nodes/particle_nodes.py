@@ -207,8 +207,10 @@ class ParticlePatch:
             if s.strength < 1:
                 LOG.info("%s: EDDY strength %g blends the spread design with independent noise; on a real model "
                          "the spread fell off quickly below 1 (BENCHMARKS.md), so 1 is recommended", NODE, s.strength)
-            independent = seeded_normal(noise, seed, START_SEED_OFFSET)
-            return blend(independent, self.couple(noise), s.strength)
+            coupled = self.couple(noise)
+            if s.strength == 1:
+                return coupled
+            return blend(seeded_normal(noise, seed, START_SEED_OFFSET), coupled, s.strength)
         return self.couple(noise) if s.grid() else noise
 
     def resolved_grid(self, noise: torch.Tensor) -> int:
