@@ -15,13 +15,18 @@ from pathlib import Path
 import comfy.utils
 import folder_paths
 
-from ..shield_db.database import ShieldDatabase
-from ..shield_db.folder import fingerprint, sync_folder
 from ..shield_db.images import RESIZE_MODES
 from ..shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, read_allow_list, resolve_folder
-from ..shield_db.source import DatabaseShields
-from ..shield_db.vae import latent_shape, vae_encoder, vae_fingerprint
 from .shield_set import SHIELD_SET, ShieldSet
+
+try:  # the on-disk store needs faiss-cpu: without it the node stays listed and says what to install
+    from ..shield_db.database import ShieldDatabase
+    from ..shield_db.folder import fingerprint, sync_folder
+    from ..shield_db.source import DatabaseShields
+    from ..shield_db.vae import latent_shape, vae_encoder, vae_fingerprint
+    STORAGE_IMPORT_ERROR = None
+except ImportError as _err:
+    STORAGE_IMPORT_ERROR = _err
 
 LOG = logging.getLogger("shielded_sampling")
 CATEGORY = "sampling/shielded"
@@ -38,6 +43,17 @@ def allow_list_file() -> Path:
 
 def roots() -> list[Path]:
     return [Path(folder_paths.get_input_directory())] + [Path(p) for p in folder_paths.get_folder_paths(SHIELDS_FOLDER)]
+
+
+def require_storage():
+    """Raise the missing-dependency error of the on-disk store, naming the package and the fix."""
+    if STORAGE_IMPORT_ERROR is not None:
+        missing = getattr(STORAGE_IMPORT_ERROR, "name", None) or str(STORAGE_IMPORT_ERROR)
+        package = "faiss-cpu" if missing == "faiss" else missing
+        raise RuntimeError(f"{NODE}: shield sets on disk need the Python package '{package}', which failed to "
+                           f"import ({STORAGE_IMPORT_ERROR}). Install it into ComfyUI's Python "
+                           f"(python -m pip install {package}) and restart ComfyUI; the other shielded-sampling "
+                           "nodes work without it.")
 
 
 def resolve(folder: str) -> Path:
@@ -77,7 +93,7 @@ class ShieldSetLoader:
 
     @classmethod
     def IS_CHANGED(cls, folder, width, height, resize, batch_size, rebuild, **_):
-        if rebuild:
+        if rebuild or STORAGE_IMPORT_ERROR is not None:
             return float("nan")
         try:
             return fingerprint(resolve(folder), width, height, resize)
@@ -85,6 +101,7 @@ class ShieldSetLoader:
             return str(err)
 
     def load(self, folder, vae, width, height, resize, batch_size, rebuild=False):
+        require_storage()
         path = resolve(folder)
         fp = vae_fingerprint(vae)
         shape = latent_shape(vae, width, height)
