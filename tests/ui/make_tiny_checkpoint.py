@@ -9,6 +9,7 @@ random weights. Everything is stored in fp16 (about 0.4 GB); images are noise, w
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -71,8 +72,10 @@ def build(out: Path):
         embed_dim=4)
     randomise(vae_model, gen)
 
-    clip_sd = clip.get_sd()
-    sd = model.state_dict_for_saving(clip_sd, vae_model.state_dict(), None)
+    parts = {"clip_state_dict": clip.get_sd(), "vae_state_dict": vae_model.state_dict()}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:   # ComfyUI >= 0.4
+        parts["unet_state_dict"] = model.diffusion_model.state_dict()
+    sd = model.state_dict_for_saving(**parts)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
