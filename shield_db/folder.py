@@ -152,13 +152,15 @@ def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape
     committed every ``commit_rows``, so an interrupted run resumes where it stopped.
 
     Only regular files are read, and only where they resolve inside ``allowed_roots`` (default: ``folder``); the
-    rest is listed as skipped. The default cache (``<folder>/.shield_db/``) is refused if any part of it is a link.
+    rest is listed as skipped. A cache inside ``folder`` (the default ``<folder>/.shield_db/``) is refused if any
+    part of it is a link.
     ``interrupted()`` is called before each file is hashed and each batch is encoded; whatever it raises stops the
     run after committing every shield encoded so far.
     """
     folder = Path(folder)
-    if database is None:
-        database = database_folder(folder, vae_fingerprint, width, height, resize)
+    database = Path(database) if database is not None else database_folder(folder, vae_fingerprint, width, height,
+                                                                             resize)
+    if folder in database.parents:  # a cache inside the image folder (the default): no links, no FIFOs in it
         check_cache_folder(folder, database)
     db = ShieldDatabase(database)
     result = SyncResult(db.folder)

@@ -332,6 +332,8 @@ def test_a_cache_path_with_a_link_is_refused_and_nothing_is_written(tmp_path, li
         sync(folder, CountingVAE(), rebuild=True)
     with pytest.raises(UnsafeCacheError, match="nothing was written"):
         sync(folder, CountingVAE())
+    with pytest.raises(UnsafeCacheError, match="symbolic link"):  # as `python -m shield_db build` names it
+        sync(folder, CountingVAE(), database=cache)
     assert listing(outside) == before
 
 
