@@ -144,7 +144,8 @@ def _plan(txn, entries: list[FileEntry], result: SyncResult, old_skipped: dict, 
 def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape, width: int, height: int,
                 resize: str, vae_fingerprint: str, batch_size: int = 8, thumbnail_size: int = 48,
                 rebuild: bool = False, database: Path | None = None, progress: Callable[[int, int], None] | None = None,
-                commit_rows: int = 256, allowed_roots=None, interrupted: Callable[[], None] | None = None) -> SyncResult:
+                commit_rows: int = 256, allowed_roots=None,
+                interrupted: Callable[[], None] | None = None) -> SyncResult:
     """Encode new images of ``folder`` with ``encode(uint8 [B, H, W, 3]) -> latents [B, *item_shape]``.
 
     Unchanged files (same size and mtime, or same sha256) cost no ``encode`` call; removed files are dropped;

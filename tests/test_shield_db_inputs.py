@@ -195,14 +195,14 @@ def test_manifest_bytes_of_utf8_names_are_unchanged():
 def run_build_in_child(folder: Path, timeout: float = 120):
     """Build ``folder`` in a child process; a hang is killed and reported instead of blocking the test run."""
     code = (
-        "import json, sys, numpy as np\n"
+        "import json, sys\n"
         "from shield_db.folder import sync_folder\n"
-        "enc = lambda p: (p.astype(np.float32) / 255).reshape(len(p), 4, 8, 4, 8, 3).mean((2, 4)).transpose(0, 3, 1, 2)[:, :3]\n"
-        f"r = sync_folder(sys.argv[1], lambda p: np.concatenate([enc(p), enc(p)[:, :1]], 1), {ITEM!r}, {W}, {H}, "
-        "'center-crop', 'fake-vae')\n"
+        "from test_shield_db_inputs import pool\n"
+        f"r = sync_folder(sys.argv[1], pool, {ITEM!r}, {W}, {H}, 'center-crop', 'fake-vae')\n"
         "print(json.dumps({'encoded': r.encoded, 'skipped': {s['source']: s['reason'] for s in r.skipped}}))\n")
     try:
-        run = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=PACK_ROOT, capture_output=True,
+        env = {**os.environ, "PYTHONPATH": f"{PACK_ROOT}{os.pathsep}{PACK_ROOT / 'tests'}"}
+        run = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=PACK_ROOT, env=env, capture_output=True,
                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the build of {folder} hung (killed after {timeout} s)")
