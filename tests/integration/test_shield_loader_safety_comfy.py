@@ -104,3 +104,24 @@ def test_a_linked_cache_is_refused_and_nothing_is_written(comfy_nodes, loader, t
         with pytest.raises(ValueError, match=r"Shield Set Loader: input 'folder' 'cache_link': .*symbolic link"):
             load(loader, "cache_link", tiny_vae, rebuild=rebuild)
     assert snapshot_files(elsewhere) == before
+
+
+@POSIX
+def test_names_that_are_not_utf8_load_and_show_escaped(comfy_nodes, loader, tiny_vae, shields_root):
+    folder = shields_root / "latin1"
+    write_images(folder, images(1, 6))
+    try:
+        os.rename(os.fsencode(folder / "protected_0.png"), os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+        with open(os.path.join(os.fsencode(folder), b"notes\xff.txt"), "wb") as handle:
+            handle.write(b"text")
+    except OSError as exc:
+        pytest.skip(f"this file system refuses non-UTF-8 names: {exc}")
+    shield_set, report = load(loader, "latin1", tiny_vae)
+    assert len(shield_set) == 1 and shield_set.labels == ["caf\\xe9.png"]
+    assert "notes\\xff.txt (not an image file" in report and report.encode("utf-8")
+    calls, restore = counted(tiny_vae)
+    try:
+        again, report = load(loader, "latin1", tiny_vae)  # the stored names match the folder: nothing re-encoded
+    finally:
+        restore()
+    assert calls == [] and len(again) == 1 and "1 unchanged" in report
