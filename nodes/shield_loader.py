@@ -3,8 +3,10 @@
 Folders are named relative to ComfyUI's ``input/`` or a ``shields`` model folder (``models/shields/`` and any
 ``shields:`` entry of ``extra_model_paths.yaml``). Absolute paths are refused unless they lie inside a folder
 listed in ``<ComfyUI>/user/shielded_sampling/allowed_roots.txt`` (one absolute path per line) or in the
-``SHIELD_SET_ALLOWED_ROOTS`` environment variable (os.pathsep separated). The encoded latents are cached in
-``<folder>/.shield_db/`` per VAE, size and resize mode.
+``SHIELD_SET_ALLOWED_ROOTS`` environment variable (os.pathsep separated). Inside the folder only regular files
+are read, and links only when they resolve inside those roots; everything else is skipped and reported. The encoded
+latents are cached in ``<folder>/.shield_db/`` per VAE, size and resize mode; a cache path with a link in it is
+refused (docs/shield_sets.md).
 """
 from __future__ import annotations
 
@@ -12,16 +14,18 @@ import logging
 import os
 from pathlib import Path
 
+import comfy.model_management
 import comfy.utils
 import folder_paths
 
 from ..shield_db.images import RESIZE_MODES
-from ..shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, read_allow_list, resolve_folder
+from ..shield_db.paths import (ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, UnsafeCacheError, read_allow_list,
+                               resolve_folder)
 from .shield_set import SHIELD_SET, ShieldSet
 
 try:  # the on-disk store needs faiss-cpu: without it the node stays listed and says what to install
     from ..shield_db.database import ShieldDatabase
-    from ..shield_db.folder import fingerprint, sync_folder
+    from ..shield_db.folder import display_name, fingerprint, sync_folder
     from ..shield_db.source import DatabaseShields
     from ..shield_db.vae import latent_shape, vae_encoder, vae_fingerprint
     STORAGE_IMPORT_ERROR = None
@@ -54,6 +58,11 @@ def require_storage():
                            f"import ({STORAGE_IMPORT_ERROR}). Install it into ComfyUI's Python "
                            f"(python -m pip install {package}) and restart ComfyUI; the other shielded-sampling "
                            "nodes work without it.")
+
+
+def allowed_roots() -> list[Path]:
+    """Every folder files may be read from: input/, the shields folders and the allow-list."""
+    return roots() + read_allow_list(allow_list_file())
 
 
 def resolve(folder: str) -> Path:
@@ -106,15 +115,21 @@ class ShieldSetLoader:
         fp = vae_fingerprint(vae)
         shape = latent_shape(vae, width, height)
         bar = comfy.utils.ProgressBar(1)
-        result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
-                             thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,
-                             progress=lambda done, total: bar.update_absolute(done, total))
+        try:
+            result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
+                                 thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,
+                                 progress=lambda done, total: bar.update_absolute(done, total),
+                                 allowed_roots=allowed_roots(),
+                                 interrupted=comfy.model_management.throw_exception_if_processing_interrupted)
+        except UnsafeCacheError as err:
+            raise ValueError(f"{NODE}: input 'folder' {folder!r}: {err}") from None
         snapshot = ShieldDatabase(result.database).snapshot()
         source = DatabaseShields(snapshot)
         name = f"{path.name} ({len(source)} images)"
         LOG.info("%s: %s: %s", NODE, path, result.summary())
-        shield_set = ShieldSet(source, name=name, thumbnails=source.thumbnails, labels=snapshot.live_sources)
-        return (shield_set, f"{path}: {result.summary()}")
+        labels = [display_name(s) for s in snapshot.live_sources]
+        shield_set = ShieldSet(source, name=name, thumbnails=source.thumbnails, labels=labels)
+        return (shield_set, f"{display_name(str(path))}: {result.summary()}")
 
 
 NODE_CLASS_MAPPINGS = {"ShieldSetLoader": ShieldSetLoader}

@@ -14,8 +14,8 @@ import numpy as np
 from . import manifest
 from .database import MTIME, SHA, SIZE, SOURCE, ShieldDatabase
 from .lock import database_lock
-from .images import IMAGE_EXTENSIONS, UnusableImage, load_for_encode, thumbnail
-from .storage import sha256_file
+from .images import IMAGE_EXTENSIONS, FileChanged, UnusableImage, decode_for_encode, read_file, thumbnail
+from .paths import check_cache_folder, unreadable_reason
 
 LOG = logging.getLogger("shielded_sampling")
 CACHE_DIR = ".shield_db"
@@ -23,8 +23,8 @@ CACHE_DIR = ".shield_db"
 
 @dataclass(frozen=True)
 class FileEntry:
-    source: str  # path relative to the folder, with forward slashes
-    path: Path
+    source: str  # path relative to the folder, with forward slashes (undecodable bytes as os.fsdecode gives them)
+    path: Path  # what is read: the entry, or the regular file a link inside the allowed roots resolves to
     size: int
     mtime_ns: int
 
@@ -43,18 +43,28 @@ class SyncResult:
         text = (f"{self.kept + self.reused + self.encoded} shields ({self.encoded} encoded, {self.reused} reused by "
                 f"content hash, {self.kept} unchanged, {self.removed} removed)")
         if self.skipped:
-            text += f"; skipped {len(self.skipped)}: " + "; ".join(f"{s['source']} ({s['reason']})" for s in self.skipped[:10])
+            text += f"; skipped {len(self.skipped)}: " + "; ".join(
+                f"{display_name(s['source'])} ({s['reason']})" for s in self.skipped[:10])
         return text
 
 
-def scan(folder: Path) -> tuple[list[FileEntry], list[dict]]:
-    """Regular files below ``folder`` (hidden names and the cache excluded), sorted; non-images listed apart."""
+def display_name(source: str) -> str:
+    """``source`` for people: bytes that are not UTF-8 shown as ``\\xe9`` escapes (the stored name keeps them)."""
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def scan(folder: Path, allowed_roots=None) -> tuple[list[FileEntry], list[dict]]:
+    """Regular image files below ``folder`` (hidden names and the cache excluded), sorted; the rest listed apart.
+
+    Links to regular files are followed only when they resolve inside ``allowed_roots`` (default: ``folder``);
+    links to folders are not followed; FIFOs, devices, sockets and links to them are listed, never opened.
+    """
     entries, others = [], []
-    _scan_into(str(folder), "", entries, others)
+    _scan_into(str(folder), "", [folder] if allowed_roots is None else list(allowed_roots), entries, others)
     return entries, others
 
 
-def _scan_into(directory: str, prefix: str, entries: list, others: list) -> None:
+def _scan_into(directory: str, prefix: str, roots: list, entries: list, others: list) -> None:
     with os.scandir(directory) as listing:
         items = sorted(listing, key=lambda d: d.name)
     for item in items:
@@ -63,15 +73,19 @@ def _scan_into(directory: str, prefix: str, entries: list, others: list) -> None
         source = prefix + item.name
         try:
             if item.is_dir(follow_symlinks=False):
-                _scan_into(item.path, source + "/", entries, others)
+                _scan_into(item.path, source + "/", roots, entries, others)
                 continue
-            st = item.stat()
+            st = item.stat()  # follows a link: metadata only, nothing is opened
+            path = Path(os.path.realpath(item.path)) if item.is_symlink() else Path(item.path)
+            reason = unreadable_reason(item.stat(follow_symlinks=False), st, path, roots)
         except OSError as exc:
             others.append({"source": source, "reason": f"unreadable: {exc}", "size": 0, "mtime_ns": 0})
             continue
         extension = os.path.splitext(item.name)[1]
-        if extension.lower() in IMAGE_EXTENSIONS:
-            entries.append(FileEntry(source, Path(item.path), st.st_size, st.st_mtime_ns))
+        if reason is not None:
+            others.append({"source": source, "reason": reason, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        elif extension.lower() in IMAGE_EXTENSIONS:
+            entries.append(FileEntry(source, path, st.st_size, st.st_mtime_ns))
         else:
             others.append({"source": source, "reason": f"not an image file ({extension or 'no extension'})",
                            "size": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -90,10 +104,19 @@ def database_folder(folder: Path, vae_fingerprint: str, width: int, height: int,
     return folder / CACHE_DIR / f"{width}x{height}-{resize}-{key}"
 
 
-def _plan(txn, entries: list[FileEntry], result: SyncResult, old_skipped: dict):
+def _skip(e: FileEntry, exc: UnusableImage) -> dict:
+    """A skipped-file record; one that changed while read gets no stat, so the next run tries it again."""
+    changed = isinstance(exc, FileChanged)
+    return {"source": e.source, "reason": str(exc), "size": -1 if changed else e.size,
+            "mtime_ns": -1 if changed else e.mtime_ns}
+
+
+def _plan(txn, entries: list[FileEntry], result: SyncResult, old_skipped: dict, interrupted):
     """Decide per file: keep, relink by content hash, skip again (unchanged bad file), or encode."""
     todo = []
     for e in entries:
+        if interrupted is not None:
+            interrupted()
         item = txn.item(e.source)
         if item is not None and item[SIZE] == e.size and item[MTIME] == e.mtime_ns:
             result.kept += 1
@@ -102,33 +125,48 @@ def _plan(txn, entries: list[FileEntry], result: SyncResult, old_skipped: dict):
         if bad is not None and bad["size"] == e.size and bad["mtime_ns"] == e.mtime_ns:
             result.skipped.append(bad)
             continue
-        sha = sha256_file(e.path)
-        if item is not None and item[SHA] == sha:
-            txn.touch(e.source, e.size, e.mtime_ns)
+        try:
+            read = read_file(e.path, keep=False)
+        except UnusableImage as exc:
+            result.skipped.append(_skip(e, exc))
+            continue
+        if item is not None and item[SHA] == read.sha256:
+            txn.touch(e.source, read.size, read.mtime_ns)
             result.kept += 1
-        elif txn.row_of(sha) is not None:
-            txn.link(e.source, sha, txn.row_of(sha), e.size, e.mtime_ns)
+        elif txn.row_of(read.sha256) is not None:
+            txn.link(e.source, read.sha256, txn.row_of(read.sha256), read.size, read.mtime_ns)
             result.reused += 1
         else:
-            todo.append((e, sha))
+            todo.append(e)  # encoding reads it again: hash, decode and stat of that one read are stored together
     return todo
 
 
 def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape, width: int, height: int,
                 resize: str, vae_fingerprint: str, batch_size: int = 8, thumbnail_size: int = 48,
                 rebuild: bool = False, database: Path | None = None, progress: Callable[[int, int], None] | None = None,
-                commit_rows: int = 256) -> SyncResult:
+                commit_rows: int = 256, allowed_roots=None,
+                interrupted: Callable[[], None] | None = None) -> SyncResult:
     """Encode new images of ``folder`` with ``encode(uint8 [B, H, W, 3]) -> latents [B, *item_shape]``.
 
     Unchanged files (same size and mtime, or same sha256) cost no ``encode`` call; removed files are dropped;
     files that cannot be decoded are skipped and listed (and remembered until they change). Encoded shields are
     committed every ``commit_rows``, so an interrupted run resumes where it stopped.
+
+    Only regular files are read, and only where they resolve inside ``allowed_roots`` (default: ``folder``); the
+    rest is listed as skipped. A cache inside ``folder`` (the default ``<folder>/.shield_db/``) is refused if any
+    part of it is a link.
+    ``interrupted()`` is called before each file is hashed and each batch is encoded; whatever it raises stops the
+    run after committing every shield encoded so far.
     """
     folder = Path(folder)
-    db = ShieldDatabase(database or database_folder(folder, vae_fingerprint, width, height, resize))
+    database = Path(database) if database is not None else database_folder(folder, vae_fingerprint, width, height,
+                                                                             resize)
+    if folder in database.parents:  # a cache inside the image folder (the default): no links, no FIFOs in it
+        check_cache_folder(folder, database)
+    db = ShieldDatabase(database)
     result = SyncResult(db.folder)
     target = {"width": width, "height": height, "resize": resize}
-    entries, others = scan(folder)
+    entries, others = scan(folder, allowed_roots)
     result.skipped.extend(others)
     if not rebuild and _unchanged(db, entries, others, vae_fingerprint, target, result):
         return result
@@ -143,8 +181,9 @@ def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape
         for source in txn.sources():
             if source not in present and txn.remove(source):
                 result.removed += 1
-        todo = _plan(txn, entries, result, old_skipped)
-        _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress)
+        todo = _plan(txn, entries, result, old_skipped, interrupted)
+        _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress,
+                    interrupted)
         txn.set_skipped(result.skipped)
     if result.skipped:
         LOG.warning("Shield Set Loader: %s", result.summary())
@@ -175,35 +214,48 @@ def _unchanged(db: ShieldDatabase, entries: list[FileEntry], others: list[dict],
     return True
 
 
-def _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress):
-    done, first_of_sha, duplicates = 0, {}, []
-    for start in range(0, len(todo), max(1, batch_size)):
+def _stop_if_interrupted(interrupted, txn) -> None:
+    """Call the host's interrupt check between batches; on interrupt, commit what is encoded, then stop."""
+    if interrupted is None:
+        return
+    try:
+        interrupted()
+    except BaseException:  # ComfyUI's InterruptProcessingException is a BaseException in recent versions
+        txn.flush()
+        raise
+
+
+def _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress, interrupted):
+    """Encode ``todo`` in batches; each file is read once and its sha256 is that of the very bytes decoded."""
+    step, first_of_sha, duplicates = max(1, batch_size), {}, []
+    for start in range(0, len(todo), step):
+        _stop_if_interrupted(interrupted, txn)
         batch, pixels = [], []
-        for e, sha in todo[start:start + batch_size]:
-            if sha in first_of_sha:
-                duplicates.append((e, sha))
-                continue
+        for e in todo[start:start + step]:
             try:
-                pixels.append(load_for_encode(e.path, width, height, resize))
+                read = read_file(e.path)
+                if read.sha256 in first_of_sha or txn.row_of(read.sha256) is not None:
+                    duplicates.append((e, read.sha256, read.size, read.mtime_ns))
+                    continue
+                pixels.append(decode_for_encode(read.data, width, height, resize))
             except UnusableImage as exc:
-                result.skipped.append({"source": e.source, "reason": str(exc), "size": e.size, "mtime_ns": e.mtime_ns})
+                result.skipped.append(_skip(e, exc))
                 continue
-            first_of_sha[sha] = e.source
-            batch.append((e, sha))
+            first_of_sha[read.sha256] = e.source
+            batch.append((e, read.sha256, read.size, read.mtime_ns))
         if batch:
             latents = np.asarray(encode(np.stack(pixels)), dtype=np.float32)
             result.vae_calls += 1
             if latents.shape != (len(batch), *txn.item_shape):
                 raise ValueError(f"the VAE returned latents of shape {latents.shape}, expected "
                                  f"{(len(batch), *txn.item_shape)} for {width}x{height} images")
-            for (e, sha), latent, rgb in zip(batch, latents, pixels):
+            for (e, sha, size, mtime_ns), latent, rgb in zip(batch, latents, pixels):
                 thumb = thumbnail(rgb, thumbnail_size) if thumbnail_size else None
-                txn.add(e.source, sha, latent, thumb, e.size, e.mtime_ns)
+                txn.add(e.source, sha, latent, thumb, size, mtime_ns)
             result.encoded += len(batch)
-        done = min(len(todo), start + batch_size)
         if progress is not None:
-            progress(done, len(todo))
+            progress(min(len(todo), start + step), len(todo))
     txn.flush()
-    for e, sha in duplicates:  # same content as a file encoded above: share its row
-        txn.link(e.source, sha, txn.row_of(sha), e.size, e.mtime_ns)
+    for e, sha, size, mtime_ns in duplicates:  # same content as a file stored or encoded above: share its row
+        txn.link(e.source, sha, txn.row_of(sha), size, mtime_ns)
         result.reused += 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from .errors import CorruptDatabaseError
@@ -28,8 +29,15 @@ def new_body(item_shape, vae_fingerprint: str = "", target: dict | None = None, 
     }
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def canonical(body: dict) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """The manifest's bytes: UTF-8 JSON. File names that are not valid UTF-8 (held as lone surrogates, as
+    ``os.fsdecode`` gives them) are written as ``\\udcXX`` escapes, which JSON reads back to the same name;
+    bodies without such names are byte-identical to the format's first version."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
 
 
 def save(folder: Path, body: dict) -> None:
