@@ -38,6 +38,10 @@ ARTIFACTS = Path(os.environ.get("SHIELDED_UI_ARTIFACTS", PACK_ROOT / "artifacts"
 SPELL_DISPLAY = ["Apply SPELL", "SPELL Sampler", "SPELL Report", "SPELL Radius Calibration", "DNG Report"]
 
 
+RENDERERS = os.environ.get("SHIELDED_UI_RENDERERS", "classic").split()   # "classic" and/or "nodes2"
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"   # the front end's "Nodes 2.0" renderer (front end >= 1.27)
+
+
 def missing_tools() -> str | None:
     if harness.comfy_path() is None:
         return "COMFYUI_PATH is not set to a ComfyUI checkout"
@@ -50,6 +54,8 @@ def missing_tools() -> str | None:
     return None
 
 
+if missing_tools() is not None and os.environ.get("SHIELDED_REQUIRE_HOSTS") == "1" and harness.comfy_path():
+    raise RuntimeError(f"UI tests are required here (SHIELDED_REQUIRE_HOSTS=1) but cannot run: {missing_tools()}")
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
 
 
@@ -62,9 +68,11 @@ def free_port() -> int:
 def ensure_installed(comfy: Path):
     link = comfy / "custom_nodes" / PACK_FOLDER
     if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(PACK_ROOT, target_is_directory=True)
     ckpt = comfy / "models" / "checkpoints" / TINY_CKPT
     if not ckpt.exists():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(UI_DIR / "make_tiny_checkpoint.py"), str(ckpt)], check=True,
                        env={**os.environ, "COMFYUI_PATH": str(comfy)}, timeout=600)
 
@@ -123,12 +131,24 @@ def server(tmp_path_factory):
         shutil.copy(log, ARTIFACTS / "server.log")
 
 
-@pytest.fixture(scope="module")
-def ui(server):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run(["node", "ui_check.mjs", server["url"], str(ARTIFACTS), TINY_CKPT], cwd=UI_DIR,
+def choose_renderer(url: str, renderer: str):
+    """Store the front end's renderer setting for this server's user before the page loads."""
+    body = json.dumps(renderer == "nodes2").encode()
+    request = urllib.request.Request(f"{url}api/settings/{VUE_NODES_SETTING}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+@pytest.fixture(scope="module", params=RENDERERS)
+def ui(server, request):
+    renderer = request.param
+    artifacts = ARTIFACTS / renderer
+    artifacts.mkdir(parents=True, exist_ok=True)
+    choose_renderer(server["url"], renderer)
+    run = subprocess.run(["node", "ui_check.mjs", server["url"], str(artifacts), TINY_CKPT, renderer], cwd=UI_DIR,
                          capture_output=True, text=True, timeout=1800)
-    (ARTIFACTS / "ui_result.json").write_text(run.stdout)
+    (artifacts / "ui_result.json").write_text(run.stdout)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     assert "crash" not in result, result.get("crash")
@@ -149,11 +169,15 @@ def test_front_end_helpers_unit():
     assert "# pass 5" in run.stdout
 
 
+def test_front_end_runs_the_requested_renderer(ui):
+    assert ui["renderer"]["vueNodes"] == (ui["renderer"]["requested"] == "nodes2"), ui["renderer"]
+
+
 def test_extension_loads_without_console_errors(ui):
     errors = ui["errors"]
     assert errors["extension_loaded"]
     assert errors["mentioning_pack"] == []
-    assert [e for e in errors["only_with_extension"] if e != "host: favicon"] == []
+    assert [e for e in errors["only_with_extension"] if e not in ("host: favicon", "host: offline")] == []
     assert [e for e in errors["after_all"] if PACK_FOLDER in e or "shielded" in e] == []
 
 

@@ -8,7 +8,7 @@ import { dismissDialogs, openComfy } from "./browser.mjs";
 import { TOOLTIPS } from "../../web/spell_panel.js";
 
 const PACK = "comfyui-shielded-sampling";
-const [url, artifacts, tinyCheckpoint] = process.argv.slice(2);
+const [url, artifacts, tinyCheckpoint, renderer = "classic"] = process.argv.slice(2);
 const result = { errors: {}, search: {}, workflows: {}, widgets: {}, run: {}, requeue: {}, calibration: {} };
 
 const shot = async (page, name, clip) => {
@@ -17,9 +17,11 @@ const shot = async (page, name, clip) => {
   return file;
 };
 
-/** Errors whose text, stack or URL point at this pack (its extension files or its API). */
+/** One line per error; the host's own noise (favicon, resources off this offline machine) gets one label each. */
 function normalise(entry) {
   if (/favicon\.ico/.test(entry.url || "") || /favicon\.ico/.test(entry.text || "")) return "host: favicon";
+  const offsite = entry.url && !entry.url.startsWith(new URL(url).origin);
+  if (offsite || /ERR_NAME_NOT_RESOLVED|ERR_INTERNET_DISCONNECTED/.test(entry.text || "")) return "host: offline";
   return `${entry.kind}: ${(entry.text || "").replace(/:\d+:\d+/g, "")} ${entry.url || ""}`.trim();
 }
 
@@ -40,11 +42,12 @@ async function checkLoadErrors() {
   return session;
 }
 
+/** Opens the node search box through the front end's command API (the double click is not what is tested). */
 async function openSearch(page) {
-  const box = await page.locator("canvas#graph-canvas").boundingBox();
-  const input = page.locator(".comfy-vue-node-search-container input, input[placeholder*='Search']").first();
-  for (let attempt = 0; attempt < 4; attempt += 1) {
-    await page.mouse.dblclick(box.x + box.width * (0.4 + 0.05 * attempt), box.y + box.height * 0.55);
+  const input = page.locator("input[placeholder*='Add a node'], .comfy-vue-node-search-container input, " +
+    "input[placeholder*='Search']").first();
+  for (let attempt = 0; attempt < 3; attempt += 1) {
+    await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute("Workspace.SearchBox.Toggle"));
     try {
       await input.waitFor({ state: "visible", timeout: 4000 });
       return input;
@@ -53,7 +56,7 @@ async function openSearch(page) {
       await page.waitForTimeout(500);
     }
   }
-  throw new Error("the node search box did not open on double click");
+  throw new Error("the node search box did not open (command Workspace.SearchBox.Toggle)");
 }
 
 async function searchNode(page, displayName) {
@@ -218,21 +221,31 @@ async function checkWidgets(page) {
   await shot(page, "04_spell_sampler_widgets", clipOf(rect));
 }
 
+/** Runs in the page: where the radius widget is on screen, in either renderer. */
+function radiusWidgetPointInPage() {
+  const { app } = window.comfyAPI.app;
+  const node = (app.graph.nodes || app.graph._nodes).find((n) => n.type === "ShieldedSpellSampler");
+  const element = document.querySelector(`[data-node-id="${node.id}"]`);
+  if (element) {   // Nodes 2.0: widgets are DOM rows; hover the row's label
+    const row = [...element.querySelectorAll(".lg-node-widget")].find((e) => e.innerText.trim() === "radius");
+    const b = row.getBoundingClientRect();
+    return { x: b.left + 30, y: b.top + b.height / 2, tooltip: ".p-tooltip" };
+  }
+  const w = node.widgets.find((x) => x.name === "radius");
+  const { scale, offset } = app.canvas.ds;
+  const r = app.canvas.canvas.getBoundingClientRect();
+  return { x: r.left + (node.pos[0] + node.size[0] / 2 + offset[0]) * scale,
+    y: r.top + (node.pos[1] + w.y + 10 + offset[1]) * scale, tooltip: ".node-tooltip" };
+}
+
 async function hoverRadiusTooltip(page) {
-  const pos = await page.evaluate(() => {
-    const { app } = window.comfyAPI.app;
-    const node = (app.graph.nodes || app.graph._nodes).find((n) => n.type === "ShieldedSpellSampler");
-    const w = node.widgets.find((x) => x.name === "radius");
-    const { scale, offset } = app.canvas.ds;
-    const r = app.canvas.canvas.getBoundingClientRect();
-    return { x: r.left + (node.pos[0] + node.size[0] / 2 + offset[0]) * scale,
-      y: r.top + (node.pos[1] + w.y + 10 + offset[1]) * scale };
-  });
+  const pos = await page.evaluate(radiusWidgetPointInPage);
   await page.mouse.move(pos.x - 5, pos.y);
   await page.mouse.move(pos.x, pos.y);
+  const tip = page.locator(pos.tooltip).filter({ hasText: /\S/ }).first();
   try {
-    await page.locator(".node-tooltip").waitFor({ state: "visible", timeout: 5000 });
-    const text = await page.locator(".node-tooltip").innerText();
+    await tip.waitFor({ state: "visible", timeout: 5000 });
+    const text = await tip.innerText();
     await shot(page, "05_radius_tooltip");
     return text;
   } catch {
@@ -271,7 +284,9 @@ async function checkRun(page) {
   result.run.report_images = await page.evaluate(() => {
     const { app } = window.comfyAPI.app;
     const node = (app.graph.nodes || app.graph._nodes).find((n) => n.type === "ShieldedSpellReport");
-    return (node.imgs || []).map((i) => ({ w: i.naturalWidth, h: i.naturalHeight }));
+    const element = document.querySelector(`[data-node-id="${node.id}"]`);   // Nodes 2.0 shows them in the DOM
+    const images = node.imgs?.length ? node.imgs : [...(element?.querySelectorAll("img") || [])];
+    return images.map((i) => ({ w: i.naturalWidth, h: i.naturalHeight }));
   });
   await shot(page, "07_spell_report_node", clipOf(report));
 }
@@ -307,6 +322,9 @@ async function main() {
   const session = await checkLoadErrors();
   const { page } = session;
   try {
+    result.renderer = await page.evaluate((requested) => ({ requested,
+      vueNodes: Boolean(window.comfyAPI.app.app.extensionManager.setting.get("Comfy.VueNodes.Enabled")),
+      frontEnd: window.__COMFYUI_FRONTEND_VERSION__ ?? null }), renderer);
     const info = await page.evaluate(async () => (await fetch("/object_info")).json());
     const ours = Object.values(info).filter((d) => String(d.python_module).includes("shielded"));
     result.pack_nodes = ours.map((d) => d.display_name);
