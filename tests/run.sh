@@ -23,9 +23,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-  "$VENV/bin/pip" install "${PIP_QUIET[@]}" --no-index torch==2.13.0 2>/dev/null ||
+  if "$VENV/bin/pip" install "${PIP_QUIET[@]}" --no-index --no-deps torch==2.13.0 2>/dev/null; then
+    "$VENV/bin/pip" install "${PIP_QUIET[@]}" torch==2.13.0        # a local CPU wheel: now only its dependencies
+  else
     "$VENV/bin/pip" install "${PIP_QUIET[@]}" torch==2.13.0 \
       --index-url "${SHIELDED_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" --extra-index-url https://pypi.org/simple
+  fi
 fi
 "$VENV/bin/pip" install "${PIP_QUIET[@]}" -r requirements.txt -r tests/requirements.txt
 
