@@ -1,0 +1,56 @@
+"""One-command demo, any OS: ``python demo/run.py [options]`` (what ``bash demo/run.sh`` does, for Windows too).
+
+Makes ``.venv-demo`` in the clone, installs torch 2.13.0 (CPU wheel: a local one if pip finds it, else the PyTorch
+CPU index, ``SHIELDED_TORCH_INDEX`` to override), numpy, pillow, onnxruntime and adaptive-terrain-diffusion 0.4.2
+(``--no-deps``: its metadata asks for onnxruntime-gpu; the CPU runtime is enough), then runs ``python -m demo``
+inside it. Options are passed on (``python demo/run.py --help``).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv-demo"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+BANNER = "[demo] running: about a minute of CPU (2 cores, no other load; README 'Demo' has measured times)"
+
+
+def venv_python(folder: Path) -> Path:
+    return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def pip(python: Path, *args: str) -> int:
+    return subprocess.call([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args])
+
+
+def ensure_torch(python: Path):
+    ok = subprocess.call([str(python), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0
+    if ok:
+        return
+    print("[demo] installing torch 2.13.0 (CPU)", flush=True)
+    if pip(python, "--no-index", "torch==2.13.0") != 0:
+        index = os.environ.get("SHIELDED_TORCH_INDEX", CPU_INDEX)
+        if pip(python, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple"):
+            raise SystemExit("demo: could not install torch==2.13.0")
+
+
+def main(argv: list[str]) -> int:
+    python = venv_python(VENV)
+    if not python.exists():
+        print(f"[demo] creating {VENV.name}", flush=True)
+        venv.create(VENV, with_pip=True)
+    ensure_torch(python)
+    print("[demo] installing numpy, pillow, onnxruntime, adaptive-terrain-diffusion 0.4.2", flush=True)
+    if pip(python, "numpy", "pillow", "onnxruntime") or pip(python, "--no-deps", "adaptive-terrain-diffusion==0.4.2"):
+        raise SystemExit("demo: installing the demo's packages failed")
+    if "-h" not in argv and "--help" not in argv:
+        print(BANNER, flush=True)
+    return subprocess.call([str(python), "-m", "demo", *argv], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
