@@ -16,7 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-demo"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-BANNER = "[demo] running: about a minute of CPU (2 cores, no other load; README 'Demo' has measured times)"
+BANNER = ("[demo] running: about 45 s of CPU time on 2 cores (under a minute when they are free; measured 3 to 8 min "
+          "of wall clock on a machine shared with ~15 other busy processes, see README 'Demo')")
 
 
 def venv_python(folder: Path) -> Path:
