@@ -30,9 +30,15 @@ def main(args: list[str]) -> int:
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     has_torch = run(python, "-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')",
                     stderr=subprocess.DEVNULL) == 0
-    if not has_torch and run(*pip, "--no-index", "torch==2.13.0", stderr=subprocess.DEVNULL) != 0:
-        index = os.environ.get("SHIELDED_TORCH_INDEX", CPU_INDEX)
-        if run(*pip, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple"):
+    if not has_torch:
+        # A local CPU wheel (pip's find-links) if there is one, its small deps from the index; else the CPU index.
+        if run(*pip, "--no-index", "--no-deps", "torch==2.13.0", stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL) == 0:
+            failed = run(*pip, "torch==2.13.0")
+        else:
+            index = os.environ.get("SHIELDED_TORCH_INDEX", CPU_INDEX)
+            failed = run(*pip, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple")
+        if failed:
             return 1
     if run(*pip, "-r", "requirements.txt", "-r", "tests/requirements.txt"):
         return 1

@@ -29,14 +29,20 @@ def pip(python: Path, *args: str) -> int:
 
 
 def ensure_torch(python: Path):
-    ok = subprocess.call([str(python), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0
-    if ok:
+    """torch 2.13.0 CPU: a local wheel if pip's find-links has one (its deps from the index), else the CPU index."""
+    if subprocess.call([str(python), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0:
         return
     print("[demo] installing torch 2.13.0 (CPU)", flush=True)
-    if pip(python, "--no-index", "torch==2.13.0") != 0:
+    local = subprocess.call([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                             "--no-index", "--no-deps", "torch==2.13.0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+    if local:
+        failed = pip(python, "torch==2.13.0")                 # torch is there: only its small deps are fetched
+    else:
         index = os.environ.get("SHIELDED_TORCH_INDEX", CPU_INDEX)
-        if pip(python, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple"):
-            raise SystemExit("demo: could not install torch==2.13.0")
+        failed = pip(python, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple")
+    if failed:
+        raise SystemExit("demo: could not install torch==2.13.0 (set SHIELDED_TORCH_INDEX to a reachable index)")
 
 
 def main(argv: list[str]) -> int:
