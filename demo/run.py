@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-demo"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-BANNER = ("[demo] running: about 45 s of CPU time on 2 cores (under a minute when they are free; measured 3 to 8 min "
-          "of wall clock on a machine shared with ~15 other busy processes, see README 'Demo')")
+BANNER = ("[demo] running (~1 min of CPU time, installs included; measured 3 min 18 s wall clock for the whole command "
+          "in a fresh clone on 2 cores shared with ~16 busy processes: README 'Demo')")
 
 
 def venv_python(folder: Path) -> Path:
