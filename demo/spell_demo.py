@@ -1,37 +1,40 @@
-"""SPELL demo: the terrain consistency model with and without sparse repellency, from the same seeds.
+"""SPELL demo: protection on a model that memorises MNIST, and diversity on the pretrained terrain model.
 
-Run ``bash demo/run.sh`` (fresh venv) or, with the deps installed, ``python -m demo`` from the repo root.
-Writes into ``demo_output/`` at the repo root: ``spell_grid.png`` (shields; batch without SPELL; batch with SPELL, the
-samples SPELL corrected framed in orange as in the paper's Fig. 6), ``spell_activity.png`` (share of
-trajectories corrected per step and correction size relative to the score, the paper's Fig. 5) and
-``spell_report.txt``.
+Run ``bash demo/run.sh`` (Windows: ``python demo/run.py``): a fresh venv, the installs, then ``python -m demo``.
+Writes into ``demo_output/`` at the repo root:
+
+- ``protection.png``: a model that can only reproduce its training digits, half of them protected; the same seeds
+  without SPELL (copies of protected digits) and with SPELL (none), each output beside its nearest training image;
+- ``diversity.png``: the terrain consistency model, a batch without and with SPELL (intra-batch + shields from an
+  earlier run), numbered tiles, orange frame = SPELL intervened, "nearest = peer k / shield k" with the distance in
+  the radius slider's per-element units;
+- ``activity.png`` (share of trajectories corrected per step, the paper's Fig. 5) and ``report.txt``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render, unavailable_reason
+from demo import protection_demo
+from demo.drawing import ORANGE, font, framed_tile
+from demo.mnist_data import load_train_images, mnist_folder
+from demo.tune_terrain import grain
 from guidance.metrics import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
 
 LOG = logging.getLogger("shielded_sampling.demo")
 
-ORANGE = (255, 140, 0)
-TILE, PAD, LABEL_W = 128, 8, 150
-
-
-def font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:                     # Pillow < 10.1
-        return ImageFont.load_default()
+TILE, GAP, LABEL_W = 128, 18, 150
+ELEMENTS = 128 * 128              # one terrain latent: 1 x 128 x 128; slider units = L2 / sqrt(ELEMENTS)
+# Chosen by measurement (demo/tune_terrain.py, README "Demo"): the sparsest setting that leaves no pair closer than r.
+DEFAULT_RADIUS_FACTOR, DEFAULT_OVERCOMPENSATION, DEFAULT_SIGMA_END = 0.2, 1.0, 26.0
 
 
 def noise_for(seed: int, batch: int) -> torch.Tensor:
@@ -44,48 +47,63 @@ def run(model, seed: int, batch: int, wrapper=None) -> torch.Tensor:
                   generator=gen)
 
 
-def nearest_other(x: torch.Tensor, shields: torch.Tensor) -> torch.Tensor:
-    """Per sample: L2 distance to the nearest other sample of the batch or shield."""
-    allx = torch.cat([x, shields])
-    d = pairwise_distances(allx)[: len(x)]
+def windowed(radius: float, sigma_end: float):
+    """Radius ``radius`` while sigma >= sigma_end, 0 (SPELL off) below: the demo's active window."""
+    return lambda s: radius if s >= sigma_end else 0.0
+
+
+def nearest_labels(x: torch.Tensor, shields: torch.Tensor):
+    """Per sample: (label "peer k" / "shield k", distance in per-element units) of its nearest peer or shield."""
+    d = pairwise_distances(torch.cat([x, shields]))[: len(x)]
     d[torch.arange(len(x)), torch.arange(len(x))] = float("inf")
-    return d.min(1).values
+    dist, idx = d.min(1)
+    labels = [f"peer {i + 1}" if i < len(x) else f"shield {i - len(x) + 1}" for i in idx.tolist()]
+    return labels, (dist / math.sqrt(ELEMENTS)).tolist()
 
 
-def tile_row(images: np.ndarray, label: str, framed=None, captions=None) -> Image.Image:
-    n = len(images)
-    row = Image.new("RGB", (LABEL_W + n * (TILE + PAD) + PAD, TILE + 2 * PAD + 18), "white")
-    draw = ImageDraw.Draw(row)
-    draw.text((8, TILE // 2), label, fill="black", font=font(15))
+def tile_row(canvas: Image.Image, y: int, images, label: str, prefix: str, framed=None, captions=None):
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, y + TILE // 2 - 10), label, fill="black", font=font(15))
     for i, img in enumerate(images):
-        x0 = LABEL_W + PAD + i * (TILE + PAD)
-        if framed is not None and framed[i]:
-            draw.rectangle([x0 - 5, PAD - 5, x0 + TILE + 4, PAD + TILE + 4], fill=ORANGE)
-        row.paste(Image.fromarray(img), (x0, PAD))
-        if captions:
-            draw.text((x0 + 2, PAD + TILE + 5), captions[i], fill="black", font=font(11))
-    return row
+        x = LABEL_W + i * (TILE + GAP)
+        colour = ORANGE if framed is not None and framed[i] else None
+        framed_tile(canvas, Image.fromarray(img), x, y, colour)
+        draw.rectangle([x + 2, y + 2, x + 8 + 9 * len(f"{prefix}{i + 1}"), y + 18], fill="white")
+        draw.text((x + 5, y + 3), f"{prefix}{i + 1}", fill="black", font=font(13))
+        for k, line in enumerate(captions[i] if captions else []):
+            draw.text((x, y + TILE + 6 + 14 * k), line, fill="black", font=font(12))
 
 
-def draw_grid(shields, plain, spelled, corrected, d_plain, d_spell, radius, path: Path):
-    moved = (spelled - plain).flatten(1).norm(dim=1).tolist()
-    rows = [tile_row(render(shields), "shields\n(earlier run)"),
-            tile_row(render(plain), "without SPELL", captions=[f"nearest {d:.0f}" for d in d_plain]),
-            tile_row(render(spelled), "with SPELL", framed=corrected.tolist(),
-                     captions=[f"nearest {d:.0f}, moved {m:.0f}" for d, m in zip(d_spell, moved)])]
-    width = max(r.width for r in rows)
-    title_h = 52
-    grid = Image.new("RGB", (width, title_h + sum(r.height for r in rows)), "white")
-    ImageDraw.Draw(grid).text(
-        (8, 8), f"Terrain consistency model, same seeds. SPELL (intra-batch + shields, r = {radius:.0f}): "
-                f"orange = SPELL intervened.\n'nearest' = L2 distance to the closest peer or shield; 'moved' = L2 "
-                f"distance to the same seed without SPELL.",
-        fill="black", font=font(14))
+def draw_diversity(shields, plain, spelled, corrected, radius_rms, settings: str, path: Path):
+    lab0, d0 = nearest_labels(plain, shields)
+    lab1, d1 = nearest_labels(spelled, shields)
+    moved = ((spelled - plain).flatten(1).norm(dim=1) / math.sqrt(ELEMENTS)).tolist()
+    texture = (grain(spelled) / grain(plain)).tolist()
+    n = max(len(plain), len(shields))
+    row_h = TILE + 50
+    title_h = 74
+    canvas = Image.new("RGB", (LABEL_W + n * (TILE + GAP), title_h + row_h * 2 + TILE + 64), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((8, 8), f"Terrain consistency model, same seeds without and with SPELL ({settings}).", fill="black",
+           font=font(15))
+    d.text((8, 30), f"Orange frame = SPELL intervened. 'nearest' = closest other terrain of the batch (peer) or "
+                    f"shield; distances in the radius slider's units (RMS per element), radius r = "
+                    f"{radius_rms:.3f}.", fill="black", font=font(13))
+    d.text((8, 48), "'fine texture': high-frequency energy of the terrain relative to the same seed without SPELL "
+                    "(the visible side effect of a last-step correction on this model).", fill="black", font=font(13))
     y = title_h
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height
-    grid.save(path)
+    tile_row(canvas, y, render(shields), "shields\n(earlier run)", "S")
+    y += TILE + 24
+    tile_row(canvas, y, render(plain), "without SPELL", "", captions=[
+        [f"nearest = {lab}", f"d {dist:.3f}" + (" < r" if dist < radius_rms else "")]
+        for lab, dist in zip(lab0, d0)])
+    y += row_h
+    tile_row(canvas, y, render(spelled), "with SPELL", "", framed=corrected.tolist(), captions=[
+        [f"nearest = {lab}", f"d {dist:.3f}, moved {m:.3f}", f"fine texture {100 * (t - 1):+.0f}%"] if m > 0
+        else [f"nearest = {lab}", f"d {dist:.3f}, unchanged"]
+        for lab, dist, m, t in zip(lab1, d1, moved, texture)])
+    canvas.save(path)
+    return (lab0, d0), (lab1, d1), moved
 
 
 def draw_activity(wrapper: SpellWrapper, path: Path):
@@ -128,70 +146,111 @@ def draw_activity(wrapper: SpellWrapper, path: Path):
             d.rectangle([x, y0 + b * cell + 1, x + 0.7 * slot, y0 + (b + 1) * cell - 2],
                         fill=ORANGE if act[i, b] else (225, 225, 225))
     d.text((left, h - 28), "orange: share of trajectories corrected (axis)   blue: mean ||correction|| / "
-                           "||x - x0_hat|| of corrected ones (% labels, bars scaled to the largest)", fill="black", font=font(12))
+                           "||x - x0_hat|| of corrected ones (% labels, bars scaled to the largest)", fill="black",
+           font=font(12))
     img.save(path)
+
+
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="bash demo/run.sh", description=__doc__.splitlines()[0])
+    g = ap.add_argument_group("protection (MNIST)")
+    g.add_argument("--skip-protection", action="store_true", help="skip the MNIST part (e.g. without Node.js/npm)")
+    g.add_argument("--mnist", type=Path, help="folder with MNIST's train-images-idx3-ubyte (default: npm package)")
+    g.add_argument("--train-images", type=int, default=1000, help="training images the model memorises")
+    g.add_argument("--samples", type=int, default=32, help="seeds sampled without and with SPELL")
+    g = ap.add_argument_group("diversity (terrain model)")
+    g.add_argument("--skip-diversity", action="store_true", help="skip the terrain part")
+    g.add_argument("--batch", type=int, default=8, help="terrains per batch")
+    g.add_argument("--seed", type=int, default=8, help="seed of the compared batch")
+    g.add_argument("--shields", type=int, default=4, help="outputs of an earlier unguided run used as shields")
+    g.add_argument("--radius-factor", type=float, default=DEFAULT_RADIUS_FACTOR,
+                   help="radius as a multiple of the median pairwise distance of the unguided batch")
+    g.add_argument("--overcompensation", type=float, default=DEFAULT_OVERCOMPENSATION, help="lambda of eq. 5")
+    g.add_argument("--active-down-to", type=float, default=DEFAULT_SIGMA_END,
+                   help="SPELL acts while sigma >= this (schedule 80 64 51 41 33 26; 26 = every step)")
+    g.add_argument("--difficulty", type=int, default=60, help="terrain difficulty label 1..100")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "demo_output",
+                    help="output folder")
+    return ap.parse_args(argv)
+
+
+def protection_part(args, lines):
+    t0 = time.perf_counter()
+    data = load_train_images(mnist_folder(args.mnist), args.train_images)
+    protected, free, plain, spelled, _, res_plain, res_spell = protection_demo.run_protection(
+        data, args.samples, steps=20, seed=0)
+    protection_demo.draw_protection(protected, free, plain, spelled, res_plain, res_spell, 16,
+                                    args.out / "protection.png", len(data))
+    lines += protection_demo.report_lines(len(data), args.samples, 20, res_plain, res_spell,
+                                          time.perf_counter() - t0)
+
+
+def diversity_part(args, lines):
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"demo: the terrain model is not available: {reason}")
+    t0 = time.perf_counter()
+    model = TerrainDenoiser(difficulty=args.difficulty)
+    shields = run(model, args.seed + 1000, args.shields)
+    plain = run(model, args.seed, args.batch)
+    radius = args.radius_factor * median_pairwise_distance(plain)
+    radius_rms = radius / math.sqrt(ELEMENTS)
+    wrapper = SpellWrapper(model, windowed(radius, args.active_down_to), shields=shields, intra_batch=True,
+                           overcompensation=args.overcompensation)
+    spelled = run(model, args.seed, args.batch, wrapper)
+    corrected = wrapper.runs[-1].corrected_samples()
+    window = ("every step" if args.active_down_to <= float(CONSISTENCY_SIGMAS[-2])
+              else f"active while sigma >= {args.active_down_to:g}")
+    settings = (f"intra-batch + {args.shields} shields, r = {args.radius_factor:g} x median distance, "
+                f"overcompensation {args.overcompensation:g}, {window}")
+    (lab0, d0), (lab1, d1), moved = draw_diversity(shields, plain, spelled, corrected, radius_rms, settings,
+                                                   args.out / "diversity.png")
+    draw_activity(wrapper, args.out / "activity.png")
+    act = wrapper.runs[-1].active_matrix()
+    changed = [m > 0 for m in moved]
+    texture = (grain(spelled) / grain(plain))[torch.tensor(changed, dtype=torch.bool)]
+    close0 = sum(d < radius_rms for d in d0)
+    close1 = sum(d < radius_rms * (1 - 1e-4) for d in d1)
+    lines += [
+        f"Diversity (terrain consistency UNet, adaptive-terrain-diffusion 0.4.2, {len(CONSISTENCY_SIGMAS) - 1} "
+        f"consistency steps, sigmas {CONSISTENCY_SIGMAS[:-1].tolist()}; batch {args.batch}, seed {args.seed}; "
+        f"{settings}; r = {radius_rms:.4f} per element):",
+        f"  SPELL corrected {int(corrected.sum())}/{len(corrected)} samples, {100 * act.float().mean().item():.0f}% "
+        f"of (step, sample) evaluations; the others are identical to the run without SPELL",
+        f"  closer than r to a peer or shield: without SPELL {close0}/{len(d0)}, with SPELL {close1}/{len(d1)}",
+        f"  smallest distance to a peer or shield: without {min(d0):.4f}, with {min(d1):.4f} (per element)",
+        f"  changed outputs: {sum(changed)}/{len(changed)}, fine-texture energy vs the same seed without SPELL: "
+        + (", ".join(f"{100 * (t - 1):+.0f}%" for t in texture.tolist()) if sum(changed) else "none"),
+        "  nearest without: " + ", ".join(f"{i + 1}->{lab} {d:.3f}" for i, (lab, d) in enumerate(zip(lab0, d0))),
+        "  nearest with:    " + ", ".join(f"{i + 1}->{lab} {d:.3f}" for i, (lab, d) in enumerate(zip(lab1, d1))),
+        "  share of trajectories corrected per step: " + ", ".join(f"{v:.2f}" for v in act.float().mean(1).tolist()),
+        f"  time {time.perf_counter() - t0:.1f} s",
+    ]
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8, help="samples per batch")
-    ap.add_argument("--seed", type=int, default=7, help="seed of the compared batch")
-    ap.add_argument("--shields", type=int, default=4, help="outputs of an earlier unguided run used as shields")
-    ap.add_argument("--radius-factor", type=float, default=0.6,
-                    help="radius as a multiple of the median pairwise distance of the unguided batch")
-    ap.add_argument("--overcompensation", type=float, default=1.6, help="lambda of eq. 5 (1.6: the paper's LDM/SD3 value)")
-    ap.add_argument("--difficulty", type=int, default=60, help="terrain difficulty label 1..100")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "demo_output",
-                    help="output folder")
-    args = ap.parse_args(argv)
-    reason = unavailable_reason()
-    if reason:
-        raise SystemExit(f"demo: the terrain model is not available: {reason}")
+    args = parse_args(argv)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = TerrainDenoiser(difficulty=args.difficulty)
-    shields = run(model, args.seed + 1000, args.shields)
-    t1 = time.perf_counter()
-    plain = run(model, args.seed, args.batch)
-    t_plain = time.perf_counter() - t1
-    radius = args.radius_factor * median_pairwise_distance(plain)
-    wrapper = SpellWrapper(model, radius, shields=shields, intra_batch=True, overcompensation=args.overcompensation)
-    t1 = time.perf_counter()
-    spelled = run(model, args.seed, args.batch, wrapper)
-    t_spell = time.perf_counter() - t1
-    corrected = wrapper.runs[-1].corrected_samples()
-    d_plain, d_spell = nearest_other(plain, shields), nearest_other(spelled, shields)
-    draw_grid(shields, plain, spelled, corrected, d_plain.tolist(), d_spell.tolist(), radius,
-              args.out / "spell_grid.png")
-    draw_activity(wrapper, args.out / "spell_activity.png")
-    report = report_text(args, radius, corrected, d_plain, d_spell, wrapper, t_plain, t_spell,
-                         time.perf_counter() - t0)
-    (args.out / "spell_report.txt").write_text(report)
-    LOG.info("%s", report)
-    LOG.info("Wrote %s\n      %s\n      %s", args.out / "spell_grid.png", args.out / "spell_activity.png",
-             args.out / "spell_report.txt")
+    lines = []
+    if not args.skip_protection:
+        LOG.info("[demo] 1/2 protection: MNIST memorising model, half of it protected")
+        protection_part(args, lines)
+        LOG.info("%s", "\n".join(lines))
+    if not args.skip_diversity:
+        LOG.info("[demo] 2/2 diversity: terrain model, SPELL within the batch and from earlier shields")
+        n = len(lines)
+        diversity_part(args, lines)
+        LOG.info("%s", "\n".join(lines[n:]))
+    lines.append(f"total demo time (without installs) {time.perf_counter() - t0:.1f} s")
+    (args.out / "report.txt").write_text("\n".join(lines) + "\n")
+    written = [p for p in ("protection.png", "diversity.png", "activity.png", "report.txt") if (args.out / p).exists()]
+    LOG.info("Wrote %s", ", ".join(str(args.out / p) for p in written))
     return 0
-
-
-def report_text(args, radius, corrected, d_plain, d_spell, wrapper, t_plain, t_spell, total) -> str:
-    act = wrapper.runs[-1].active_matrix()
-    lines = [
-        "SPELL demo: terrain consistency UNet (adaptive-terrain-diffusion 0.4.2), "
-        f"{len(CONSISTENCY_SIGMAS) - 1} consistency steps, sigmas {CONSISTENCY_SIGMAS[:-1].tolist()}",
-        f"batch {args.batch}, seed {args.seed}, difficulty {args.difficulty}, {args.shields} shields from an earlier "
-        f"unguided run, intra-batch on, radius {radius:.1f} ({args.radius_factor} x median pairwise distance), "
-        f"overcompensation {args.overcompensation}",
-        f"corrected samples: {int(corrected.sum())}/{len(corrected)} (orange in the grid); others are identical "
-        "to the run without SPELL",
-        f"closer than r to a peer or shield: without SPELL {int((d_plain < radius).sum())}/{len(d_plain)}, "
-        f"with SPELL {int((d_spell < radius * (1 - 1e-4)).sum())}/{len(d_spell)}",
-        f"min distance to a peer or shield: without {float(d_plain.min()):.1f}, with {float(d_spell.min()):.1f}",
-        "share of trajectories corrected per step: " + ", ".join(f"{v:.2f}" for v in act.float().mean(1).tolist()),
-        f"time: without SPELL {t_plain:.1f} s, with SPELL {t_spell:.1f} s, total {total:.1f} s",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import logging
 
-import comfy.samplers
-import nodes as comfy_nodes
-
 from . import spell_history
+from .ksampler_core import ksampler_inputs, sample_latent
 from .shield_set import SHIELD_SET, ShieldSet
 from ..guidance.report import INSIDE_RTOL
 from .spell_hook import SpellPatch, SpellSettings
@@ -122,8 +120,7 @@ class SpellSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        ks = comfy_nodes.KSampler.INPUT_TYPES()["required"]
-        return {"required": {**ks, **spell_inputs()}, "optional": optional_shield_input()}
+        return {"required": {**ksampler_inputs(), **spell_inputs()}, "optional": optional_shield_input()}
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
@@ -132,8 +129,8 @@ class SpellSampler:
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise=1.0, **kwargs):
         patch = make_patch("SPELL Sampler", **kwargs)
-        latent = comfy_nodes.common_ksampler(patch.apply(model), seed, steps, cfg, sampler_name, scheduler,
-                                             positive, negative, latent_image, denoise=denoise)[0]
+        latent = sample_latent(patch.apply(model), seed, steps, cfg, sampler_name, scheduler,
+                               positive, negative, latent_image, denoise=denoise)
         report = patch.last_report
         return {"ui": {"spell_activity": [activity_summary(report)]}, "result": (latent, report)}
 
