@@ -60,7 +60,7 @@ PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 "${PIP[@]}" $TORCH
 REQ="$(mktemp)"; KEEP="$(mktemp)"
 trap 'rm -f "$REQ" "$KEEP"' EXIT
-"$VENV/bin/python" -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > "$KEEP"
+"$VENV/bin/python" -c "import torch, torchvision; print('torch==' + torch.__version__.split('+')[0]); print('torchvision==' + torchvision.__version__.split('+')[0])" > "$KEEP"
 while IFS= read -r line; do
   spec="${line%%#*}"; spec="$(echo "$spec" | tr -d '\r' | xargs)"   # reForge's list has CRLF line ends
   [ -z "$spec" ] && continue

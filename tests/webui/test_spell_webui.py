@@ -1,0 +1,87 @@
+"""SPELL in a real Forge-family WebUI: the script's hooks around the host's own k-diffusion sampler path."""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+
+import webui_harness as harness
+
+RTOL = 1e-3
+
+
+def script_args(**values) -> tuple:
+    from shielded_webui.settings import ShieldedSettings
+    settings = ShieldedSettings(**values)
+    return tuple(getattr(settings, f.name) for f in fields(settings))
+
+
+@pytest.fixture(scope="session")
+def sd_model(webui):
+    return harness.tiny_sd_model()
+
+
+@pytest.fixture
+def inject_shields(monkeypatch):
+    """Make the shield folder of a generation resolve to the given VAE-latent tensor (no VAE in the tiny model)."""
+    from pathlib import Path
+    from modules import paths_internal
+    from guidance.shields import TensorShields
+    from shielded_webui import webui_script
+
+    (Path(paths_internal.models_path) / "shields" / "injected").mkdir(parents=True, exist_ok=True)
+
+    def use(latents: torch.Tensor):
+        monkeypatch.setattr(webui_script.ShieldedProcessing, "shield_source",
+                            lambda self, p, item_shape: (TensorShields(latents.float()), "injected"))
+    return use
+
+
+def generate(script_module, sd_model, sampler="euler", batch=2, **settings):
+    g = harness.Generation(script_module, sd_model, script_args(**settings), sampler=sampler, batch=batch)
+    return g, g.run()
+
+
+def pairwise(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1).double()
+    d = torch.cdist(flat, flat)
+    return d[~torch.eye(len(x), dtype=torch.bool)]
+
+
+@pytest.mark.parametrize("sampler", list(harness.SAMPLERS))
+def test_outputs_end_outside_every_shield(script_module, sd_model, inject_shields, sampler):
+    from shielded_webui.settings import raw_radius
+    _, reference = generate(script_module, sd_model, sampler)
+    # Shields at the unshielded outputs themselves (stored as VAE latents): every output starts inside one.
+    process_out = sd_model.forge_objects.unet.model.latent_format.process_out
+    inject_shields(process_out(reference))
+    radius_rms = 0.25
+    g, out = generate(script_module, sd_model, sampler, enabled=True, radius_rms=radius_rms, intra_batch=False,
+                      shield_folder="injected")
+    run = g.p.shielded_sampling_state.runs[-1]
+    # The post-CFG function ran on every evaluation of the host's CFG denoiser (plus the t = 0 step).
+    assert run.evaluations == g.model_evaluations >= g.steps
+    assert len(run.report.steps) == g.model_evaluations + 1
+    r = raw_radius(radius_rms, math.prod(out.shape[1:]))
+    dist = torch.cdist(out.flatten(1).double(), reference.flatten(1).double())
+    assert dist.min().item() >= r * (1 - RTOL), f"{sampler}: an output ends inside a shield: {dist.min():.4g} < {r:.4g}"
+    assert run.outputs_inside() == 0 and all(o.repelled for o in run.report.outputs)
+    assert any("Shielded sampling: r = 0.25 rms" in c for c in g.p.comments), g.p.comments
+
+
+def test_batch_of_four_ends_pairwise_apart(script_module, sd_model):
+    from shielded_webui.settings import raw_radius
+    _, reference = generate(script_module, sd_model, "euler", batch=4)
+    elements = math.prod(reference.shape[1:])
+    before = pairwise(reference)
+    # A radius beyond the closest unshielded pair, so intra-batch repellency has work to do.
+    radius_rms = 1.5 * before.min().item() / math.sqrt(elements)
+    r = raw_radius(radius_rms, elements)
+    assert before.min().item() < r
+    g, out = generate(script_module, sd_model, "euler", batch=4, enabled=True, radius_rms=radius_rms,
+                      intra_batch=True)
+    after = pairwise(out)
+    assert after.min().item() >= r * (1 - RTOL), f"closest pair {after.min():.4g} < r = {r:.4g}"
+    assert g.p.extra_generation_params["SPELL intra-batch"] is True
