@@ -11,6 +11,9 @@ WINDOW = "SPELL window"
 EXACT = "SPELL exact"
 SHIELDS = "SPELL shields"
 COUPLING = "Start coupling"
+# The WebUI's infotext parser splits any "NxM" value into "key-1"/"key-2" (image sizes); grids are written as
+# "spread NxM" so they come back whole.
+SPREAD = "spread "
 
 
 def write(settings: ShieldedSettings) -> dict:
@@ -31,7 +34,7 @@ def write(settings: ShieldedSettings) -> dict:
         if s.shield_folder.strip():
             out[SHIELDS] = s.shield_folder.strip()
     if s.start_coupling != "off":
-        out[COUPLING] = s.start_coupling
+        out[COUPLING] = SPREAD + s.start_coupling if s.start_coupling[:1].isdigit() else s.start_coupling
     return out
 
 
@@ -48,13 +51,18 @@ def _window(value) -> tuple[float, float]:
         return 0.0, 1.0
 
 
+def _coupling(value) -> str:
+    text = str(value).strip()
+    return text[len(SPREAD):] if text.startswith(SPREAD) else text
+
+
 def read(params: dict) -> dict:
     """Setting values found in a parsed infotext (``{key: str}``); settings it does not mention are not returned,
     except that a pasted infotext without SPELL keys switches SPELL off (as a pasted image without them was made)."""
     out = {"enabled": RADIUS in params}
     if RADIUS not in params:
         if COUPLING in params:
-            out["start_coupling"] = str(params[COUPLING]).strip()
+            out["start_coupling"] = _coupling(params[COUPLING])
         return out
     out["radius_rms"] = float(params[RADIUS])
     out["overcompensation"] = float(params.get(OVERCOMPENSATION, 1.0))
@@ -64,5 +72,5 @@ def read(params: dict) -> dict:
     out["start_percent"], out["end_percent"] = _window(params.get(WINDOW, "0-1"))
     out["exact"] = _bool(params.get(EXACT, False))
     out["shield_folder"] = str(params.get(SHIELDS, "")).strip()
-    out["start_coupling"] = str(params.get(COUPLING, "off")).strip()
+    out["start_coupling"] = _coupling(params.get(COUPLING, "off"))
     return out

@@ -12,8 +12,9 @@
 #     same version from PyPI (only the WebUI's API models use pydantic; the sampler path does not);
 #   - torch/torchvision/torchaudio and xformers: the machine's torch build is installed first instead, and a
 #     constraint file keeps it through every later install (a pin that would need another torch fails loudly);
-#   - setuptools==69.5.1 (reForge, Forge: "temp fix for compatibility with some old packages" when building
-#     them from source): torch 2.14.1 requires setuptools >= 77.0.3; every package here installs from a wheel.
+#   - setuptools==69.5.1 (reForge, Forge: "temp fix for compatibility with some old packages"): torch 2.14.1
+#     requires setuptools >= 77.0.3, so it becomes >=77.0.3,<81 (81 removed pkg_resources, which the host's
+#     older packages such as pytorch_lightning still import).
 # reForge's modules/paths.py asserts that Stability-AI's stablediffusion repository (the `ldm` package) was
 # cloned into repositories/ by its launcher, and modules/processing.py imports from it; offline that clone
 # cannot happen, so the same `ldm` code comes from PyPI's stable-diffusion-sdkit==2.1.5 (--no-deps: its pins
@@ -68,7 +69,8 @@ while IFS= read -r line; do
     echo "  left out (the machine's torch build is used): $spec" >&2; continue
   fi
   if echo "$spec" | grep -qiE '^setuptools([<>=~ ;]|$)'; then
-    echo "  left out (torch 2.14.1 needs setuptools >= 77): $spec" >&2; continue
+    echo "  rewritten (torch 2.14.1 needs setuptools >= 77; pkg_resources needs < 81): $spec -> setuptools>=77.0.3,<81" >&2
+    spec="setuptools>=77.0.3,<81"
   fi
   if echo "$spec" | grep -qE '^https?://'; then
     wheel="$(basename "$spec")"

@@ -213,6 +213,8 @@ class Generation:
         p = self.p
         self.script.process(p, *self.args)
         x = self.noise()
+        # As StableDiffusionProcessingTxt2Img.sample: each pass starts from the unpatched (LoRA-applied) objects.
+        p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
         self.script.process_before_every_sampling(p, *self.args, x=x, noise=x, c=self.c, uc=self.uc)
         if p.modified_noise is not None:
             x, p.modified_noise = p.modified_noise, None
