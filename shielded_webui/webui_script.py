@@ -20,6 +20,9 @@ from .settings import SCRIPT, SettingsError, ShieldedSettings, coupling_grid
 LOG = logging.getLogger("shielded_sampling")
 ATTRIBUTE = "shielded_sampling_state"
 XYZ_RADIUS = "shielded_sampling_radius"      # set on p by the X/Y/Z plot axis
+NO_FORGE = (f"{SCRIPT}: this WebUI has no Forge patcher (p.sd_model.forge_objects), which SPELL needs to see "
+            f"every denoised prediction; use Forge, reForge or Forge Neo (Automatic1111 without Forge is not "
+            f"supported yet)")
 STOPPED = " (generation stopped; tick 'Continue unshielded if the setup fails' to generate without protection)"
 
 
@@ -49,12 +52,16 @@ class ShieldedProcessing:
         setattr(p, ATTRIBUTE, state)
         try:
             settings.validate()
+            if (settings.enabled or settings.start_coupling != "off") and not forge_hook.has_forge_objects(p.sd_model):
+                raise SettingsError(NO_FORGE)
             if settings.enabled and settings.shield_folder.strip():
                 state.roots = state.roots or shield_folder.webui_roots()
                 state.folder = state.roots.resolve(settings.shield_folder)
         except SettingsError as err:
             state.fail(p, str(err))
         p.extra_generation_params.update(infotext.write(settings))
+        if state.error is not None and not forge_hook.has_forge_objects(p.sd_model):
+            refuse_sampling(p, state.error)
         return state
 
     def fail(self, p, message: str):
@@ -75,9 +82,7 @@ class ShieldedProcessing:
         except Exception as err:   # the WebUI would only log it and sample unshielded: never silently
             LOG.exception("%s: setup failed", SCRIPT)
             self.fail(p, f"{SCRIPT}: setup failed: {type(err).__name__}: {err}")
-        if self.error is not None:
-            if not forge_hook.has_forge_objects(p.sd_model):
-                raise RuntimeError(self.error)
+        if self.error is not None and forge_hook.has_forge_objects(p.sd_model):
             forge_hook.install_refusal(p, self.error)
 
     def _before_sampling(self, p, x, noise):
@@ -91,9 +96,6 @@ class ShieldedProcessing:
             p.comment(f"{SCRIPT}: start noise coupled on a {grid}x{grid} grid across the batch of {noise.shape[0]}")
         if not s.enabled:
             return
-        if not forge_hook.has_forge_objects(p.sd_model):
-            raise SettingsError(f"{SCRIPT}: this WebUI has no Forge patcher (p.sd_model.forge_objects); SPELL "
-                                f"needs Forge, reForge or Forge Neo")
         latent = x if x is not None else noise
         item_shape = tuple(latent.shape[1:])
         source, name = self.shield_source(p, item_shape)
@@ -133,6 +135,14 @@ class ShieldedProcessing:
             image = activity_chart(run.report).image.convert("RGB")
             processed.images.append(image)
             processed.infotexts.append(f"{SCRIPT} activity chart: {run.report.summary()}")
+
+
+def refuse_sampling(p, message: str):
+    """Without a Forge patcher there is no post-CFG function to raise from: replace this generation's ``p.sample``
+    (called by the WebUI outside any script wrapper) so the generation stops with ``message``."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError(message)
+    p.sample = refuse
 
 
 def register_xyz_axis():

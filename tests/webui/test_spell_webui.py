@@ -55,7 +55,7 @@ def test_outputs_end_outside_every_shield(script_module, sd_model, inject_shield
     from shielded_webui.settings import raw_radius
     _, reference = generate(script_module, sd_model, sampler)
     # Shields at the unshielded outputs themselves (stored as VAE latents): every output starts inside one.
-    process_out = sd_model.forge_objects.unet.model.latent_format.process_out
+    process_out = harness.model_space_out(sd_model)
     inject_shields(process_out(reference))
     radius_rms = 0.25
     g, out = generate(script_module, sd_model, sampler, enabled=True, radius_rms=radius_rms, intra_batch=False,

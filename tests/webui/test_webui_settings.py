@@ -91,3 +91,14 @@ def test_shields_of_another_latent_shape_are_refused(script_module, sd_model, mo
         generate(script_module, sd_model, enabled=True, shield_folder="big")
     g, _ = generate(script_module, sd_model, enabled=True, shield_folder="big", allow_unshielded=True)
     assert any("UNSHIELDED" in c and "4x16x16" in c for c in g.p.comments), g.p.comments
+
+
+def test_a_webui_without_forge_patcher_refuses_visibly(script_module, sd_model, monkeypatch):
+    import types
+    from modules import shared
+    g = harness.Generation(script_module, sd_model, script_args(enabled=True))
+    monkeypatch.setattr(shared, "sd_model", types.SimpleNamespace())  # Automatic1111 without Forge (p.sd_model)
+    g.script.process(g.p, *g.args)
+    with pytest.raises(RuntimeError, match="no Forge patcher.*generation stopped"):
+        g.p.sample(conditioning=None, unconditional_conditioning=None, seeds=[1], subseeds=[1],
+                   subseed_strength=0.0, prompts=["x"])

@@ -156,6 +156,50 @@ def tiny_sd_model_reforge(seed: int = 0):
     return sd
 
 
+def tiny_sd_model_forge(seed: int = 0):
+    """A stand-in for ``shared.sd_model`` holding Forge's own ``UnetPatcher`` (KModel + SD1.5 eps predictor) over a
+    tiny ``IntegratedUNet2DConditionModel`` and a tiny real ``IntegratedAutoencoderKL`` (latent format 0.18215)."""
+    from backend.diffusion_engine.base import ForgeObjects
+    from backend.modules.k_model import KModel
+    from backend.modules.k_prediction import Prediction
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.patcher.unet import UnetPatcher
+    from backend.patcher.vae import VAE
+
+    torch.manual_seed(seed)
+    cfg = tiny_unet_config()
+    unet = IntegratedUNet2DConditionModel(
+        in_channels=4, model_channels=cfg["model_channels"], out_channels=4, num_res_blocks=cfg["num_res_blocks"],
+        channel_mult=cfg["channel_mult"], num_heads=cfg["num_heads"], use_spatial_transformer=True,
+        transformer_depth=cfg["transformer_depth"], transformer_depth_output=cfg["transformer_depth_output"],
+        transformer_depth_middle=cfg["transformer_depth_middle"], context_dim=CONTEXT_DIM)
+    _randomise(unet, seed)
+    cpu = torch.device("cpu")
+    unet.storage_dtype = unet.computation_dtype = torch.float32
+    unet.load_device = unet.offload_device = unet.initial_device = cpu
+    kmodel = KModel(model=unet, diffusers_scheduler=None, k_predictor=Prediction(prediction_type="epsilon"))
+    patcher = UnetPatcher(kmodel, load_device=cpu, offload_device=cpu, current_device=cpu)
+    autoencoder = IntegratedAutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                                          down_block_types=("DownEncoderBlock2D",) * 4,
+                                          up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = VAE(model=autoencoder, device=cpu, dtype=torch.float32)
+    objects = ForgeObjects(unet=patcher, clip=None, vae=vae, clipvision=None)
+    return types.SimpleNamespace(
+        get_learned_conditioning=random_conditioning, model=types.SimpleNamespace(conditioning_key="crossattn"),
+        forge_objects=objects, forge_objects_original=objects.shallow_copy(),
+        forge_objects_after_applying_lora=objects.shallow_copy(), alphas_cumprod=_alphas_cumprod(),
+        parameterization="eps", cond_stage_key="crossattn", is_sdxl=False, is_sd1=True, is_sd2=False,
+        latent_channels=4, device=cpu, dtype=torch.float32, sd_checkpoint_info=None)
+
+
+def model_space_out(sd_model):
+    """The sampler-space -> VAE-latent map of the tiny model (reForge: UNet latent format; Forge: the VAE)."""
+    unet = sd_model.forge_objects.unet
+    fmt = getattr(getattr(unet.model, "model_config", None), "latent_format", None)
+    return fmt.process_out if fmt is not None else sd_model.forge_objects.vae.first_stage_model.process_out
+
+
 def _alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
