@@ -99,6 +99,8 @@ class ShieldedProcessing:
         latent = x if x is not None else noise
         item_shape = tuple(latent.shape[1:])
         source, name = self.shield_source(p, item_shape)
+        if self.runs and not self.runs[-1].finished and self.runs[-1].evaluations == 0:
+            self.runs.pop()   # Forge calls this twice before a hires pass; the first install was discarded
         self.runs.append(forge_hook.install(p, s, item_shape, source, name))
 
     def shield_source(self, p, item_shape: tuple):
@@ -131,7 +133,7 @@ class ShieldedProcessing:
         if not self.settings.activity_chart:
             return
         from guidance.plots import activity_chart
-        for run in self.runs:
+        for run in (r for r in self.runs if r.evaluations):
             image = activity_chart(run.report).image.convert("RGB")
             processed.images.append(image)
             processed.infotexts.append(f"{SCRIPT} activity chart: {run.report.summary()}")

@@ -85,3 +85,35 @@ def test_batch_of_four_ends_pairwise_apart(script_module, sd_model):
     after = pairwise(out)
     assert after.min().item() >= r * (1 - RTOL), f"closest pair {after.min():.4g} < r = {r:.4g}"
     assert g.p.extra_generation_params["SPELL intra-batch"] is True
+
+
+def test_history_repels_the_next_generation_and_clears(script_module, sd_model):
+    from shielded_webui import history
+    from shielded_webui.settings import raw_radius
+    history.clear("")
+    radius_rms = 0.25
+    settings = dict(enabled=True, radius_rms=radius_rms, intra_batch=False, history=True, history_name="t")
+    _, first = generate(script_module, sd_model, **settings)
+    assert history.size("t") == 2
+    g, second = generate(script_module, sd_model, **settings)   # same seed: unshielded it would repeat `first`
+    r = raw_radius(radius_rms, math.prod(first.shape[1:]))
+    dist = torch.cdist(second.flatten(1).double(), first.flatten(1).double())
+    assert dist.min().item() >= r * (1 - RTOL)
+    assert g.p.shielded_sampling_state.runs[-1].history_count == 2 and history.size("t") == 4
+    assert history.clear("t") == 4 and history.size("t") == 0
+
+
+def test_start_coupling_replaces_the_starting_noise(script_module, sd_model):
+    from guidance.coupling import project
+    g = harness.Generation(script_module, sd_model, script_args(start_coupling="2x2"), batch=2)
+    noise = g.noise()
+    g.p.rng = None                            # the script must only transform the noise it is given
+    g.script.process(g.p, *g.args)
+    g.script.process_before_every_sampling(g.p, *g.args, x=noise, noise=noise, c=g.c, uc=g.uc)
+    coupled = g.p.modified_noise
+    assert coupled is not None and coupled.shape == noise.shape
+    c = project(coupled.double(), 2)
+    # Two images: the regular simplex puts their pooled coordinates exactly opposite.
+    cos = torch.nn.functional.cosine_similarity(c[0:1], c[1:2]).item()
+    assert cos == pytest.approx(-1.0, abs=1e-6)
+    assert any("start noise coupled on a 2x2 grid" in c for c in g.p.comments)
