@@ -3,12 +3,18 @@
 Installs the pack's requirements (``requirements.txt``: the same list ComfyUI installs) that the WebUI's venv
 lacks, through the launcher's own ``launch.run_pip``. Packages already present are left alone, and numpy is held
 at the WebUI's version so that no install here moves the host's pins (torch is never touched: it is the host's).
+ComfyUI-Manager also runs an ``install.py`` it finds in a node pack; there is no ``launch`` module there and the
+manager installs ``requirements.txt`` itself, so this file then does nothing.
 """
 import importlib.metadata
 import re
+import sys
 from pathlib import Path
 
-import launch
+try:
+    import launch
+except ImportError:   # not started by an A1111-family launcher (e.g. ComfyUI-Manager)
+    sys.exit(0)
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
 HOST_OWNED = {"torch", "torchvision", "torchaudio"}

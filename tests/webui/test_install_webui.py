@@ -26,3 +26,12 @@ def test_missing_requirement_installed_with_numpy_held(webui, monkeypatch):
     command, desc = calls[0]
     assert command == f'install "faiss-cpu" "numpy=={importlib.metadata.version("numpy")}"'
     assert "torch" not in command and "faiss-cpu" in desc
+
+
+def test_outside_a_webui_the_installer_does_nothing(tmp_path):
+    """ComfyUI-Manager runs install.py too: without the WebUI's launch module it must exit cleanly, installing nothing."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(harness.PACK_ROOT / "install.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "", (done.stdout, done.stderr)

@@ -117,3 +117,36 @@ def test_start_coupling_replaces_the_starting_noise(script_module, sd_model):
     cos = torch.nn.functional.cosine_similarity(c[0:1], c[1:2]).item()
     assert cos == pytest.approx(-1.0, abs=1e-6)
     assert any("start noise coupled on a 2x2 grid" in c for c in g.p.comments)
+
+
+def test_shield_folder_encoded_by_the_checkpoint_vae(script_module, sd_model):
+    """End to end through shield_db: PNGs under models/shields/ encoded by the host's own VAE class (Forge's tiny
+    model carries a real one), cached, and every output kept outside them."""
+    if getattr(sd_model.forge_objects, "vae", None) is None:
+        pytest.skip("this host's tiny model has no VAE (reForge's UNet-only stand-in); Forge runs this test")
+    import numpy as np
+    from pathlib import Path
+    from PIL import Image
+    from modules import paths_internal
+    from shielded_webui.settings import raw_radius
+    folder = Path(paths_internal.models_path) / "shields" / "pngs"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"protected_{i}.png")
+    _, reference = generate(script_module, sd_model)
+    g, _ = generate(script_module, sd_model, enabled=True, radius_rms=0.01, intra_batch=False, shield_folder="pngs")
+    source, _ = g.p.shielded_sampling_state.sources[(4, 8, 8)]
+    assert len(source) == 3 and (folder / ".shield_db").is_dir()
+    process_in = sd_model.forge_objects.vae.first_stage_model.process_in
+    shields = process_in(source.latents(list(range(len(source)))).float())
+    elements = math.prod(reference.shape[1:])
+    # A radius that puts every unshielded output inside some shield, so the folder has to act.
+    far = torch.cdist(reference.flatten(1).double(), shields.flatten(1).double()).min(1).values.max().item()
+    radius_rms = 1.5 * far / math.sqrt(elements)
+    g, out = generate(script_module, sd_model, enabled=True, radius_rms=radius_rms, intra_batch=False,
+                      shield_folder="pngs")
+    r = raw_radius(radius_rms, elements)
+    dist = torch.cdist(out.flatten(1).double(), shields.flatten(1).double())
+    assert dist.min().item() >= r * (1 - RTOL)
+    assert g.p.shielded_sampling_state.runs[-1].shield_count == 3
