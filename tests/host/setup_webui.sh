@@ -21,7 +21,8 @@
 # are years old; the host's list already brings what `ldm` imports). Tests point modules/paths.py at it by
 # running with a working directory that holds an `ldm` link (tests/webui/webui_harness.py). Likewise the
 # launcher installs OpenAI's CLIP from a GitHub archive (k-diffusion's evaluation module imports `clip`): the
-# same code comes from PyPI's openai-clip==1.0.1. Stability-AI's generative-models (`sgm`, SDXL only) is on no
+# same code comes from PyPI's openai-clip==1.0.1, and Forge's launcher clones lllyasviel/huggingface_guess (model
+# detection, imported by modules/sd_models.py): PyPI's huggingface-guess==0.1.0 is the same package. Stability-AI's generative-models (`sgm`, SDXL only) is on no
 # package index: the test harness gives reForge empty stand-in modules for it.
 # Without VENV_DIR the venv is cached under
 # ${SHIELDED_HOST_VENVS:-~/.cache/shielded-sampling/host-venvs}/<host>-<hash>, the hash covering this script and
@@ -83,6 +84,9 @@ done < "$HOST_REQ"
 "${PIP[@]}" -c "$KEEP" -r "$REQ"
 if grep -q "stable-diffusion-stability-ai" "$HOST_DIR/modules/paths.py" 2>/dev/null; then
   "${PIP[@]}" -c "$KEEP" --no-deps stable-diffusion-sdkit==2.1.5
+fi
+if grep -q "huggingface_guess_repo" "$HOST_DIR/modules/launch_utils.py" 2>/dev/null; then
+  "${PIP[@]}" -c "$KEEP" --no-deps huggingface-guess==0.1.0
 fi
 if grep -q "clip_package" "$HOST_DIR/modules/launch_utils.py" 2>/dev/null; then
   "${PIP[@]}" -c "$KEEP" openai-clip==1.0.1

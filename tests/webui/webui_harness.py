@@ -180,7 +180,7 @@ def tiny_sd_model_forge(seed: int = 0):
     unet.load_device = unet.offload_device = unet.initial_device = cpu
     kmodel = KModel(model=unet, diffusers_scheduler=None, k_predictor=Prediction(prediction_type="epsilon"))
     patcher = UnetPatcher(kmodel, load_device=cpu, offload_device=cpu, current_device=cpu)
-    autoencoder = IntegratedAutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+    autoencoder = IntegratedAutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4,
                                           down_block_types=("DownEncoderBlock2D",) * 4,
                                           up_block_types=("UpDecoderBlock2D",) * 4)
     vae = VAE(model=autoencoder, device=cpu, dtype=torch.float32)
@@ -190,7 +190,7 @@ def tiny_sd_model_forge(seed: int = 0):
         forge_objects=objects, forge_objects_original=objects.shallow_copy(),
         forge_objects_after_applying_lora=objects.shallow_copy(), alphas_cumprod=_alphas_cumprod(),
         parameterization="eps", cond_stage_key="crossattn", is_sdxl=False, is_sd1=True, is_sd2=False,
-        latent_channels=4, device=cpu, dtype=torch.float32, sd_checkpoint_info=None)
+        latent_channels=4, device=cpu, dtype=torch.float32, sd_checkpoint_info=None, use_distilled_cfg_scale=False)
 
 
 def model_space_out(sd_model):
