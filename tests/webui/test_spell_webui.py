@@ -150,3 +150,17 @@ def test_shield_folder_encoded_by_the_checkpoint_vae(script_module, sd_model):
     dist = torch.cdist(out.flatten(1).double(), shields.flatten(1).double())
     assert dist.min().item() >= r * (1 - RTOL)
     assert g.p.shielded_sampling_state.runs[-1].shield_count == 3
+
+
+def test_hires_second_pass_gets_its_own_run_at_its_own_size(script_module, sd_model):
+    from shielded_webui.settings import raw_radius
+    g = harness.Generation(script_module, sd_model, script_args(), batch=2)
+    reference = g.run_second_pass(g.run())
+    radius_rms = 1.5 * pairwise(reference).min().item() / math.sqrt(math.prod(reference.shape[1:]))
+    g = harness.Generation(script_module, sd_model, script_args(enabled=True, radius_rms=radius_rms), batch=2)
+    first = g.run()
+    out = g.run_second_pass(first)
+    runs = g.p.shielded_sampling_state.runs
+    assert [r.item_shape for r in runs] == [(4, 8, 8), (4, 16, 16)] and all(r.finished for r in runs)
+    r = raw_radius(radius_rms, math.prod(out.shape[1:]))
+    assert pairwise(out).min().item() >= r * (1 - RTOL)

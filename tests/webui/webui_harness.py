@@ -272,3 +272,24 @@ class Generation:
     def model_evaluations(self) -> int:
         """The host's own count of CFG denoiser calls (``CFGDenoiser.step``)."""
         return self.sampler.model_wrap_cfg.step
+
+    def run_second_pass(self, first: torch.Tensor, scale: int = 2, denoise: float = 0.6) -> torch.Tensor:
+        """A hires-fix style second pass (``is_hr_pass``): the first pass's latents upscaled, re-noised and
+        sampled by the host's ``sample_img2img``, with the script's hooks around it as ``sample_hr_pass`` does."""
+        p = self.p
+        p.is_hr_pass = True
+        p.denoising_strength = denoise
+        x = torch.nn.functional.interpolate(first, scale_factor=scale, mode="nearest")
+        from modules import rng
+        p.rng = rng.ImageRNG(x.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=0.0,
+                             seed_resize_from_h=0, seed_resize_from_w=0)    # as sample_hr_pass does
+        noise = p.rng.next()
+        p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        self.script.process_before_every_sampling(p, *self.args, x=x, noise=noise, c=self.c, uc=self.uc)
+        if p.modified_noise is not None:
+            noise, p.modified_noise = p.modified_noise, None
+        samples = self.sampler.sample_img2img(p, x, noise, self.c, self.uc, steps=self.steps,
+                                              image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
+        ps = self.post_sample_args(samples)
+        self.script.post_sample(p, ps, *self.args)
+        return ps.samples
