@@ -164,3 +164,16 @@ def test_hires_second_pass_gets_its_own_run_at_its_own_size(script_module, sd_mo
     assert [r.item_shape for r in runs] == [(4, 8, 8), (4, 16, 16)] and all(r.finished for r in runs)
     r = raw_radius(radius_rms, math.prod(out.shape[1:]))
     assert pairwise(out).min().item() >= r * (1 - RTOL)
+
+
+def test_activity_chart_added_as_an_extra_image(script_module, sd_model):
+    import types
+    g, _ = generate(script_module, sd_model, enabled=True, radius_rms=0.25, activity_chart=True)
+    processed = types.SimpleNamespace(images=[], infotexts=[])
+    g.script.postprocess(g.p, processed, *g.args)
+    assert len(processed.images) == 1 and processed.images[0].size == (768, 400)
+    assert processed.infotexts[0].startswith("Shielded sampling activity chart: SPELL: r=0.25 rms")
+    g, _ = generate(script_module, sd_model, enabled=True, radius_rms=0.25)
+    processed = types.SimpleNamespace(images=[], infotexts=[])
+    g.script.postprocess(g.p, processed, *g.args)
+    assert processed.images == []
