@@ -102,3 +102,20 @@ def test_a_webui_without_forge_patcher_refuses_visibly(script_module, sd_model, 
     with pytest.raises(RuntimeError, match="no Forge patcher.*generation stopped"):
         g.p.sample(conditioning=None, unconditional_conditioning=None, seeds=[1], subseeds=[1],
                    subseed_strength=0.0, prompts=["x"])
+
+
+def test_xyz_plot_gets_a_radius_axis(script_module, sd_model, monkeypatch):
+    from modules import script_loading, scripts
+    xyz_path = harness.webui_path() / "scripts" / "xyz_grid.py"
+    xyz = script_loading.load_module(str(xyz_path))
+    data = scripts.ScriptClassData(xyz.Script, str(xyz_path), str(xyz_path.parent.parent), xyz)
+    monkeypatch.setattr(scripts, "scripts_data", [data])
+    from shielded_webui.webui_script import register_xyz_axis
+    register_xyz_axis()
+    register_xyz_axis()                                   # idempotent (the UI can be rebuilt)
+    axes = [o for o in xyz.axis_options if o.label == "[Shielded] SPELL radius"]
+    assert len(axes) == 1 and axes[0].type is float
+    g = harness.Generation(script_module, sd_model, script_args(enabled=False))
+    axes[0].apply(g.p, 0.31, None)
+    g.script.process(g.p, *g.args)
+    assert g.p.extra_generation_params["SPELL radius"] == 0.31
