@@ -1,0 +1,147 @@
+"""SPELL for one WebUI sampling pass: the post-CFG correction, the t = 0 step and the report.
+
+Host-neutral: the Forge hook (``forge_hook``) calls :meth:`SpellRun.post_cfg` as a post-CFG function, the
+A1111 hook (``a1111_hook``) calls :meth:`SpellRun.correct` from ``on_cfg_after_cfg``. One ``SpellRun`` lives
+for one sampling pass (a batch of one generation, or its hires pass) and is never reused. The math is
+``guidance.spell``; this file only decides where it applies and records what it did.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from guidance import spell
+from guidance.report import INSIDE_RTOL, OutputRecord, SpellReport, StepRecord
+from guidance.shields import AffineShields, ConcatShields, TensorShields
+
+from . import history
+from .settings import SCRIPT, DEFAULT_HISTORY_CAP, ShieldedSettings, raw_radius
+
+LOG = logging.getLogger("shielded_sampling")
+
+
+def model_space(source, scale: float, shift: float):
+    """A VAE-latent shield source seen in the sampler's space ``scale * (latent - shift)``."""
+    if source is None:
+        return None
+    if scale == 1.0 and shift == 0.0:
+        return source
+    return AffineShields(source, scale, shift)
+
+
+class SpellRun:
+    """Per-pass state: shields in the sampler's space, raw radius, active window, report."""
+
+    def __init__(self, settings: ShieldedSettings, item_shape: tuple, scale: float, shift: float,
+                 shield_set=None, sigma_window: tuple[float, float] = (math.inf, 0.0), shield_name: str = ""):
+        self.settings = settings
+        self.item_shape = tuple(item_shape)
+        self.scale, self.shift = float(scale), float(shift)
+        sources = []
+        self.shield_count = len(shield_set) if shield_set is not None else 0
+        if self.shield_count:
+            sources.append(shield_set)
+        hist = history.source(settings.history_name.strip(), self.item_shape) if settings.history else None
+        self.history_count = len(hist) if hist is not None else 0
+        if hist is not None:
+            sources.append(hist)
+        self.source = model_space(ConcatShields(sources), self.scale, self.shift) if sources else None
+        self.elements = int(math.prod(self.item_shape))
+        self.radius = raw_radius(settings.radius_rms, self.elements)
+        self.sigma_start, self.sigma_end = float(sigma_window[0]), float(sigma_window[1])
+        self.repelled: torch.Tensor | None = None
+        self.evaluations = 0
+        self.finished = False
+        self.report = SpellReport(radius=self.radius, radius_rms=settings.radius_rms,
+                                  overcompensation=settings.overcompensation, elements=self.elements, sigmas=[],
+                                  shield_count=self.shield_count, history_count=self.history_count,
+                                  intra_batch=settings.intra_batch, exact=settings.exact,
+                                  shield_set_name=shield_name)
+
+    # -- per model evaluation ------------------------------------------------------------------------
+    def in_window(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        """Forge-family post-CFG function: ``args`` has ``denoised`` (x0_hat), ``input`` (x_t) and ``sigma``."""
+        denoised = args["denoised"]
+        sigma = float(args["sigma"].flatten()[0])
+        self.evaluations += 1
+        if not self.in_window(sigma):
+            self.record_step(sigma, denoised, args["input"], None)
+            return denoised
+        return self.correct(denoised, args["input"], sigma)
+
+    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float) -> torch.Tensor:
+        s = self.settings
+        if tuple(x0_hat.shape[1:]) != self.item_shape:
+            raise RuntimeError(f"{SCRIPT}: the sampler's latent is {tuple(x0_hat.shape[1:])} but this pass was "
+                               f"prepared for {self.item_shape}; the generation is stopped rather than left "
+                               f"unshielded")
+        intra = s.intra_batch and x0_hat.shape[0] > 1
+        if self.source is None and not intra:
+            self.record_step(sigma, x0_hat, x_t, None)
+            return x0_hat
+        result = spell.sparse_repellency(x0_hat, self.radius, shields=self.source, intra_batch=intra,
+                                         overcompensation=s.overcompensation, exact=s.exact)
+        self.record_step(sigma, x0_hat, x_t, result)
+        return result.denoised
+
+    def record_step(self, sigma: float, x0_hat, x_t, result):
+        b = x0_hat.shape[0]
+        if result is None:
+            rel, nearest, corrected, active, rounds = [0.0] * b, [math.inf] * b, 0, torch.zeros(b, dtype=torch.bool), 0
+        else:
+            ref = x0_hat if sigma == 0.0 else x0_hat - x_t
+            step_norm = ref.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+            rel = (result.delta.flatten(1).norm(dim=1) / step_norm).cpu().tolist()
+            nearest = result.nearest_distance.cpu().tolist()
+            active = result.active.cpu()
+            corrected, rounds = int(active.sum()), result.rounds
+        self.repelled = active.clone() if self.repelled is None or self.repelled.shape[0] != b else self.repelled | active
+        self.report.sigmas.append(sigma)
+        self.report.steps.append(StepRecord(step=len(self.report.steps), sigma=sigma, corrected=corrected, batch=b,
+                                            relative_size=rel, nearest=nearest, rounds=rounds))
+
+    # -- end of the pass -------------------------------------------------------------------------------
+    def finish(self, samples: torch.Tensor) -> torch.Tensor:
+        """The t = 0 step on the final latents (sampler space), the output records and the history update."""
+        if self.finished:
+            return samples
+        self.finished = True
+        if self.settings.end_percent >= 1.0:
+            samples = self.correct(samples, samples, 0.0)
+        self.record_outputs(samples)
+        if self.settings.history:
+            latents = samples.detach().float().cpu() / self.scale + self.shift
+            history.add(self.settings.history_name.strip(), latents, DEFAULT_HISTORY_CAP)
+        LOG.info("%s: %s", SCRIPT, self.report.summary())
+        return samples
+
+    def record_outputs(self, samples: torch.Tensor):
+        b = samples.shape[0]
+        repelled = self.repelled if self.repelled is not None else torch.zeros(b, dtype=torch.bool)
+        if self.source is not None:
+            dist, idx = self.source.nearest(samples.float())
+            dist, idx = dist.cpu().tolist(), idx.cpu().tolist()
+        else:
+            dist, idx = [math.inf] * b, [-1] * b
+        self.report.outputs = [OutputRecord(index=i, nearest_shield=idx[i] if idx[i] < self.shield_count else -1,
+                                            distance=float(dist[i]), repelled=bool(repelled[i]))
+                               for i in range(b)]
+
+    def outputs_inside(self) -> int:
+        return sum(1 for o in self.report.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
+
+    def summary(self) -> str:
+        """One line for under the image: corrected samples and the nearest shield distance (RMS units too)."""
+        r = self.report
+        corrected = int(self.repelled.sum()) if self.repelled is not None else 0
+        nearest = min((o.distance for o in r.outputs), default=math.inf)
+        near = "no shield or history" if not math.isfinite(nearest) else \
+            f"nearest shield {nearest / math.sqrt(self.elements):.4g} rms ({nearest:.4g} L2)"
+        return (f"{SCRIPT}: r = {r.radius_rms:.4g} rms ({r.radius:.4g} L2), {corrected}/{len(r.outputs)} samples "
+                f"corrected over {len(r.steps)} model evaluations, {near}, {self.outputs_inside()} inside, "
+                f"{self.shield_count} shields + {self.history_count} history")

@@ -1,0 +1,167 @@
+"""What the script does for one generation (a WebUI ``processing`` object ``p``), kept on ``p`` itself.
+
+Order of the WebUI's calls: ``process`` (settings checked, infotext written) -> per batch of the batch count:
+``process_before_every_sampling`` (first pass, then again before a hires pass: start coupling, SPELL installed)
+-> sampling -> ``post_sample`` (t = 0 step, history, summary comment) -> ``postprocess`` (activity charts).
+An exception raised in a script method is only logged by the WebUI, so every failure here is turned into a
+visible outcome: the generation is stopped with the message, or (if the user allowed it) it continues
+unshielded with the message as a comment under the image.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from guidance.coupling import couple_noise
+
+from . import forge_hook, infotext, shield_folder
+from .settings import SCRIPT, SettingsError, ShieldedSettings, coupling_grid
+
+LOG = logging.getLogger("shielded_sampling")
+ATTRIBUTE = "shielded_sampling_state"
+XYZ_RADIUS = "shielded_sampling_radius"      # set on p by the X/Y/Z plot axis
+NO_FORGE = (f"{SCRIPT}: this WebUI has no Forge patcher (p.sd_model.forge_objects), which SPELL needs to see "
+            f"every denoised prediction; use Forge, reForge or Forge Neo (Automatic1111 without Forge is not "
+            f"supported yet)")
+STOPPED = " (generation stopped; tick 'Continue unshielded if the setup fails' to generate without protection)"
+
+
+class ShieldedProcessing:
+    def __init__(self, settings: ShieldedSettings, roots=None):
+        self.settings = settings
+        self.error: str | None = None
+        self.runs = []
+        self.sources: dict = {}
+        self.roots = roots
+        self.folder: Path | None = None
+
+    @classmethod
+    def of(cls, p) -> "ShieldedProcessing | None":
+        return getattr(p, ATTRIBUTE, None)
+
+    @classmethod
+    def begin(cls, p, settings: ShieldedSettings, roots=None) -> "ShieldedProcessing | None":
+        override = getattr(p, XYZ_RADIUS, None)
+        if override is not None:
+            settings.radius_rms = float(override)
+            settings.enabled = True
+        if not settings.enabled and settings.start_coupling == "off":
+            setattr(p, ATTRIBUTE, None)
+            return None
+        state = cls(settings, roots)
+        setattr(p, ATTRIBUTE, state)
+        try:
+            settings.validate()
+            if (settings.enabled or settings.start_coupling != "off") and not forge_hook.has_forge_objects(p.sd_model):
+                raise SettingsError(NO_FORGE)
+            if settings.enabled and settings.shield_folder.strip():
+                state.roots = state.roots or shield_folder.webui_roots()
+                state.folder = state.roots.resolve(settings.shield_folder)
+        except SettingsError as err:
+            state.fail(p, str(err))
+        p.extra_generation_params.update(infotext.write(settings))
+        if state.error is not None and not forge_hook.has_forge_objects(p.sd_model):
+            refuse_sampling(p, state.error)
+        return state
+
+    def fail(self, p, message: str):
+        """Record a setup failure: stop at the next sampling pass, or continue unshielded if the user allowed it."""
+        LOG.warning("%s", message)
+        if self.settings.allow_unshielded:
+            p.comment(f"UNSHIELDED: {message}")
+            self.settings.enabled = False
+        else:
+            self.error = message + STOPPED
+
+    # -- before each sampling pass ----------------------------------------------------------------------
+    def before_sampling(self, p, x=None, noise=None, **_):
+        try:
+            self._before_sampling(p, x, noise)
+        except SettingsError as err:
+            self.fail(p, str(err))
+        except Exception as err:   # the WebUI would only log it and sample unshielded: never silently
+            LOG.exception("%s: setup failed", SCRIPT)
+            self.fail(p, f"{SCRIPT}: setup failed: {type(err).__name__}: {err}")
+        if self.error is not None and forge_hook.has_forge_objects(p.sd_model):
+            forge_hook.install_refusal(p, self.error)
+
+    def _before_sampling(self, p, x, noise):
+        if self.error is not None:
+            return
+        s = self.settings
+        hires = bool(getattr(p, "is_hr_pass", False))
+        if s.start_coupling != "off" and not hires and noise is not None and noise.dim() == 4 and noise.shape[0] > 1:
+            grid = coupling_grid(s.start_coupling, *noise.shape[1:])
+            p.modified_noise = couple_noise(noise, grid)
+            p.comment(f"{SCRIPT}: start noise coupled on a {grid}x{grid} grid across the batch of {noise.shape[0]}")
+        if not s.enabled:
+            return
+        latent = x if x is not None else noise
+        item_shape = tuple(latent.shape[1:])
+        source, name = self.shield_source(p, item_shape)
+        if self.runs and not self.runs[-1].finished and self.runs[-1].evaluations == 0:
+            self.runs.pop()   # Forge calls this twice before a hires pass; the first install was discarded
+        self.runs.append(forge_hook.install(p, s, item_shape, source, name))
+
+    def shield_source(self, p, item_shape: tuple):
+        """The shield folder encoded at this pass's size (cached per size within the generation)."""
+        if self.folder is None:
+            return None, ""
+        if item_shape not in self.sources:
+            vae = p.sd_model.forge_objects.vae
+            ratio = int(getattr(vae, "downscale_ratio", 8))
+            width, height = item_shape[2] * ratio, item_shape[1] * ratio
+            source, name, _ = shield_folder.load(self.folder, vae, width, height)
+            self.sources[item_shape] = (source, name)
+        return self.sources[item_shape]
+
+    # -- after sampling ----------------------------------------------------------------------------------
+    def after_sampling(self, p, samples):
+        if not self.runs or self.runs[-1].finished:
+            return samples
+        run = self.runs[-1]
+        if getattr(samples, "already_decoded", False):
+            run.finished = True
+            p.comment(f"{SCRIPT}: the sampler returned decoded images, so the final t = 0 check was skipped "
+                      f"(the last model evaluation was corrected)")
+            return samples
+        samples = run.finish(samples)
+        p.comment(run.summary())
+        return samples
+
+    def postprocess(self, p, processed):
+        if not self.settings.activity_chart:
+            return
+        from guidance.plots import activity_chart
+        for run in (r for r in self.runs if r.evaluations):
+            image = activity_chart(run.report).image.convert("RGB")
+            processed.images.append(image)
+            processed.infotexts.append(f"{SCRIPT} activity chart: {run.report.summary()}")
+
+
+def refuse_sampling(p, message: str):
+    """Without a Forge patcher there is no post-CFG function to raise from: replace this generation's ``p.sample``
+    (called by the WebUI outside any script wrapper) so the generation stops with ``message``."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError(message)
+    p.sample = refuse
+
+
+def register_xyz_axis():
+    """Add "[Shielded] SPELL radius" to the X/Y/Z plot script (called from ``on_before_ui``)."""
+    from modules import scripts
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") or \
+                Path(data.path).name == "xyz_grid.py":
+            xyz = data.module
+            break
+    else:
+        LOG.info("%s: no X/Y/Z plot script found; the radius axis is not added", SCRIPT)
+        return
+    if any(getattr(o, "label", "") == "[Shielded] SPELL radius" for o in xyz.axis_options):
+        return
+
+    def apply(p, value, _):
+        setattr(p, XYZ_RADIUS, float(value))
+
+    xyz.axis_options.append(xyz.AxisOption("[Shielded] SPELL radius", float, apply))
