@@ -5,7 +5,8 @@
 # 2. Front end: eslint and the panel helpers' unit tests (node --test), when Node.js is on the machine.
 # 3. Real-host tests: for every ComfyUI tree in SHIELDED_HOSTS (default: ../shared/hosts beside the clone, where
 #    this project's machines keep them), the integration and browser tests run inside that host with its own cached
-#    venv (tests/host/run_comfy.sh). Without hosts they are skipped, and the run says so in one line. To run them
+#    venv (tests/host/run_comfy.sh); for every reForge/Forge tree there, the WebUI extension's tests
+#    (tests/host/run_webui.sh). Without hosts they are skipped, and the run says so in one line. To run them
 #    against your own ComfyUI: COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python -m pytest tests/integration
 #
 # Extra arguments are passed to every pytest run. Environment:
@@ -42,25 +43,34 @@ fi
 
 HOSTS="${SHIELDED_HOSTS:-../shared/hosts}"
 COMFY_HOSTS=()
+WEBUI_HOSTS=()
 for dir in "$HOSTS"/comfyui-*/; do
   [ -f "$dir/comfy/model_patcher.py" ] && COMFY_HOSTS+=("${dir%/}")
 done
+for dir in "$HOSTS"/*forge*/; do
+  [ -f "$dir/modules/processing.py" ] && WEBUI_HOSTS+=("${dir%/}")
+done
 
-if [ ${#COMFY_HOSTS[@]} -eq 0 ]; then
+if [ ${#COMFY_HOSTS[@]} -eq 0 ] || [ ${#WEBUI_HOSTS[@]} -eq 0 ]; then
   if [ "${SHIELDED_REQUIRE_HOSTS:-0}" = 1 ]; then
-    echo "no ComfyUI host found in $HOSTS, and SHIELDED_REQUIRE_HOSTS=1" >&2
+    echo "SHIELDED_REQUIRE_HOSTS=1 but $HOSTS lacks ComfyUI (comfyui-*) or WebUI (*forge*) hosts" >&2
     exit 1
   fi
-  echo "real-host tests skipped: no ComfyUI host in $HOSTS (COMFYUI_PATH=/path/to/ComfyUI runs them, see README)"
-  exec "$VENV/bin/python" -m pytest tests "$@"
+  if [ ${#COMFY_HOSTS[@]} -eq 0 ] && [ ${#WEBUI_HOSTS[@]} -eq 0 ]; then
+    echo "real-host tests skipped: no host in $HOSTS (COMFYUI_PATH / WEBUI_PATH run them, see README)"
+    exec "$VENV/bin/python" -m pytest tests "$@"
+  fi
 fi
 
 status=0
-"$VENV/bin/python" -m pytest tests --ignore=tests/integration "$@" || status=$?
+"$VENV/bin/python" -m pytest tests --ignore=tests/integration --ignore=tests/webui "$@" || status=$?
 newest="$(printf '%s\n' "${COMFY_HOSTS[@]}" | sort -V | tail -n 1)"
 for host in "${COMFY_HOSTS[@]}"; do
   renderers="classic"
   [ "$host" = "$newest" ] && renderers="classic nodes2"
   SHIELDED_UI_RENDERERS="$renderers" bash tests/host/run_comfy.sh "$host" "$@" || status=$?
+done
+for host in "${WEBUI_HOSTS[@]}"; do
+  bash tests/host/run_webui.sh "$host" "$@" || status=$?
 done
 exit "$status"
