@@ -45,6 +45,16 @@ def resolve(folder: str) -> Path:
     return resolve_folder(folder, roots(), read_allow_list(allow_list_file()), hint)
 
 
+_DATABASES: dict[tuple, set] = {}  # (folder, width, height, resize) -> database folders loaded for it
+
+
+def database_states(path: Path, width, height, resize) -> str:
+    """Committed state (manifest and file identities) of the databases loaded for these inputs: a shard
+    damaged or rebuilt while ComfyUI holds the set makes the node run again (and check it)."""
+    dbs = sorted(_DATABASES.get((str(path), width, height, resize), ()))
+    return "".join(ShieldDatabase(db).committed_state() for db in dbs)
+
+
 class ShieldSetLoader:
     DESCRIPTION = ("Encodes a folder of protected images with a VAE into a shield set that SPELL keeps every "
                    "output away from. Cached on disk: unchanged images are never re-encoded.")
@@ -80,7 +90,8 @@ class ShieldSetLoader:
         if rebuild:
             return float("nan")
         try:
-            return fingerprint(resolve(folder), width, height, resize)
+            path = resolve(folder)
+            return fingerprint(path, width, height, resize) + database_states(path, width, height, resize)
         except ValueError as err:
             return str(err)
 
@@ -92,6 +103,7 @@ class ShieldSetLoader:
         result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
                              thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,
                              progress=lambda done, total: bar.update_absolute(done, total))
+        _DATABASES.setdefault((str(path), width, height, resize), set()).add(result.database)
         snapshot = ShieldDatabase(result.database).snapshot()
         source = DatabaseShields(snapshot)
         name = f"{path.name} ({len(source)} images)"
