@@ -45,14 +45,15 @@ def resolve(folder: str) -> Path:
     return resolve_folder(folder, roots(), read_allow_list(allow_list_file()), hint)
 
 
-_DATABASES: dict[tuple, set] = {}  # (folder, width, height, resize) -> database folders loaded for it
+_LOADED: dict[tuple, dict] = {}  # (folder, width, height, resize) -> {database folder: committed state when loaded}
 
 
-def database_states(path: Path, width, height, resize) -> str:
-    """Committed state (manifest and file identities) of the databases loaded for these inputs: a shard
-    damaged or rebuilt while ComfyUI holds the set makes the node run again (and check it)."""
-    dbs = sorted(_DATABASES.get((str(path), width, height, resize), ()))
-    return "".join(ShieldDatabase(db).committed_state() for db in dbs)
+def database_changes(path: Path, width, height, resize) -> str:
+    """Empty while the databases loaded for these inputs are as they were committed when loaded; else their
+    new states: a shard damaged or replaced while ComfyUI holds the set makes the node run again (and check it)."""
+    loaded = _LOADED.get((str(path), width, height, resize), {})
+    now = {db: ShieldDatabase(db).committed_state() for db in sorted(loaded)}
+    return "" if now == loaded else ":database changed:" + "".join(now.values())
 
 
 class ShieldSetLoader:
@@ -91,7 +92,7 @@ class ShieldSetLoader:
             return float("nan")
         try:
             path = resolve(folder)
-            return fingerprint(path, width, height, resize) + database_states(path, width, height, resize)
+            return fingerprint(path, width, height, resize) + database_changes(path, width, height, resize)
         except ValueError as err:
             return str(err)
 
@@ -103,8 +104,9 @@ class ShieldSetLoader:
         result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
                              thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,
                              progress=lambda done, total: bar.update_absolute(done, total))
-        _DATABASES.setdefault((str(path), width, height, resize), set()).add(result.database)
         snapshot = ShieldDatabase(result.database).snapshot()
+        _LOADED.setdefault((str(path), width, height, resize), {})[result.database] = \
+            ShieldDatabase(result.database).committed_state()
         source = DatabaseShields(snapshot)
         name = f"{path.name} ({len(source)} images)"
         LOG.info("%s: %s: %s", NODE, path, result.summary())

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from shield_db import checksums
-from shield_db.database import ShieldDatabase, Transaction, referenced_files
+from shield_db.database import ShieldDatabase, Transaction
 from shield_db.errors import CorruptDatabaseError, ShieldDatabaseError
 from shield_db.folder import sync_folder
 from shield_db.lock import database_lock
@@ -39,6 +39,11 @@ def built(tmp_path, n=40, name="db", **txn):
 
 def files_on_disk(folder: Path) -> set:
     return {f"{sub}/{p.name}" for sub in ("shards", "index") for p in (folder / sub).iterdir()}
+
+
+def referenced_files(body: dict) -> set:
+    keep = {e["file"] for e in body["shards"]}
+    return keep | ({body["index"][k]["file"] for k in ("basis", "faiss")} if body["index"] else set())
 
 
 def run(code: str, *args, **kw):
@@ -216,7 +221,7 @@ def test_mixed_thumbnail_sizes_are_refused(tmp_path):
 # ---- item 8: an edit that restores the mtime is still seen
 def test_edit_with_restored_mtime_is_detected(tmp_path, monkeypatch):
     db, _ = built(tmp_path)
-    monkeypatch.setattr(checksums, "RACY_MARGIN_NS", 0)
+    monkeypatch.setattr(checksums, "RACY_MARGIN_NS", 0, raising=False)
     monkeypatch.setattr(checksums, "_MEMORY", {})
     db.snapshot()  # the verdicts are recorded in verified.json
     time.sleep(0.05)  # let the kernel's coarse clock (ctime) tick past the hashing
@@ -243,7 +248,7 @@ def test_verdict_recorded_in_the_files_clock_tick_is_not_reused():
 # ---- item 9: verified.json is advisory
 def test_damaged_verdict_record_does_not_blame_an_intact_shard(tmp_path, monkeypatch):
     db, data = built(tmp_path)
-    monkeypatch.setattr(checksums, "RACY_MARGIN_NS", 0)
+    monkeypatch.setattr(checksums, "RACY_MARGIN_NS", 0, raising=False)
     monkeypatch.setattr(checksums, "_MEMORY", {})
     db.snapshot()
     record = db.folder / checksums.RECORD_NAME
