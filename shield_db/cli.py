@@ -68,7 +68,7 @@ def cmd_build(args) -> int:
     result = sync_folder(folder, vae_encoder(vae), latent_shape(vae, args.width, args.height, "shield_db build"),
                          args.width, args.height, args.resize, fp, batch_size=args.batch_size,
                          thumbnail_size=args.thumbnail_size, rebuild=args.rebuild, database=target,
-                         progress=progress_bar())
+                         progress=progress_bar(), commit_rows=args.commit_rows)
     if ShieldDatabase(result.database).finish_pending():  # a killed build had left its finish undone
         LOG.info("%s: finished the maintenance an interrupted build left (merge, index, cleanup)", result.database)
     LOG.info("%s: %s", result.database, result.summary())
@@ -152,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--thumbnail-size", type=int, default=48)
     b.add_argument("--db", type=Path, default=None, help="database folder (default: <folder>/.shield_db/<key>, "
                                                          "where the Shield Set Loader looks)")
+    b.add_argument("--commit-rows", type=int, default=256, help="images per commit: a stopped build resumes from "
+                                                                "the last commit (default 256)")
     b.add_argument("--rebuild", action="store_true", help="discard the existing database and encode everything")
     b.add_argument("--cpu", action="store_true", help="encode on the CPU (automatic when no GPU is available)")
     b.set_defaults(run=cmd_build)
@@ -187,4 +189,8 @@ def main(argv=None) -> int:
         return args.run(args)
     except ShieldDatabaseError as err:
         LOG.error("error: %s", err)
+        return 1
+    except OSError as err:  # disk full, read-only, I/O error: everything committed before it is kept
+        LOG.error("error: %s. Everything committed before this error is kept; fix the cause and run the same "
+                  "command again to resume.", err)
         return 1
