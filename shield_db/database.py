@@ -44,6 +44,7 @@ DEFAULT_COMMIT_ROWS = 256
 DEFAULT_INDEX_DIM = 64
 FEATURE_CHUNK_ROWS = 4096
 MERGE_RUN = 8
+_REFERENCED: dict[tuple, list] = {}
 MAINTENANCE = "maintenance_pending"  # manifest key: set by every commit before the last one of a writer
 
 
@@ -210,17 +211,24 @@ class ShieldDatabase:
         return True
 
     def committed_state(self) -> str:
-        """Changes when the manifest or any file it references changes (identity keys; nothing is hashed)."""
-        digest = hashlib.sha256()
+        """Changes when the manifest or any file it references changes (identity keys; nothing is hashed).
+
+        The manifest is replaced (new inode and ctime) at every commit, so its own key stands for its content;
+        the list of files it references is parsed once per manifest version.
+        """
+        path = self.folder / manifest.MANIFEST_NAME
         try:
-            raw = (self.folder / manifest.MANIFEST_NAME).read_bytes()
-            digest.update(raw)
-            body = json.loads(raw)["body"]
-            files = [e["file"] for e in body["shards"]]
-            if body["index"]:
-                files += [body["index"][k]["file"] for k in ("basis", "faiss")]
+            key = stat_key(path)
+            files = _REFERENCED.get((str(path), *key))
+            if files is None:
+                body = json.loads(path.read_bytes())["body"]
+                files = sorted(referenced_files(body))
+                if len(_REFERENCED) >= 16:  # the loader asks about a few databases
+                    _REFERENCED.pop(next(iter(_REFERENCED)))
+                _REFERENCED[(str(path), *key)] = files
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"unreadable manifest: {exc}"
+        digest = hashlib.sha256(f"{key}".encode())
         for name in files:
             try:
                 digest.update(f"{name}:{stat_key(self.folder / name)}".encode())

@@ -60,14 +60,6 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def commit_temp(tmp: Path, path: Path) -> None:
-    """fsync ``tmp`` then rename it over ``path`` (atomic on POSIX and Windows)."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     done = 0
