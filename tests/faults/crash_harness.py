@@ -163,6 +163,7 @@ def run_kill(work: Path, images: Path, vae: Path, reference: dict, points: int, 
         problems = check_point(db, reference, images, vae)
         if problems:
             failures.append({"point": f"{kind} {value}", "phase": phase, "problems": problems})
+        print(f"kill {sum(stats.values())}/{len(plan)}: {kind} {value} {phase} -> {problems or 'ok'}", file=sys.stderr)
     return {"mode": "kill", "points": len(plan), "build_steps": len(steps), "finish_steps": len(finish),
             "clean_build_seconds": round(duration, 2), "stats": dict(stats), "failures": failures}
 
@@ -206,6 +207,8 @@ def run_enospc(work: Path, images: Path, vae: Path, reference: dict, points: int
             problems = check_point(db, reference, images, vae, before_rerun=lambda: filler.unlink(missing_ok=True))
             if problems:
                 failures.append({"point": point, "free_bytes": free, "freed_after": delay, "problems": problems})
+            print(f"enospc {point + 1}/{points}: free {free} B, freed {delay} -> {outcome}, {problems or 'ok'}",
+                  file=sys.stderr)
     finally:
         subprocess.run(["umount", str(mnt)])
     return {"mode": "enospc", "points": points, "tmpfs_bytes": capacity, "clean_db_bytes": need,
