@@ -183,8 +183,8 @@ def mount_tmpfs(path: Path, size: int) -> None:
 
 def run_enospc(work: Path, images: Path, vae: Path, reference: dict, points: int, rng: random.Random,
                ref_db: Path) -> dict:
-    need = sum(p.stat().st_size for p in ref_db.rglob("*") if p.is_file())
-    capacity = (2 * need // 4096 + 8) * 4096
+    need = sum(-(-p.stat().st_size // 4096) * 4096 for p in ref_db.rglob("*") if p.is_file())  # tmpfs pages
+    capacity = 3 * need + 8 * 4096  # a resumed build holds old and merged shards and temp files at once
     mnt = work / "tmpfs"
     mount_tmpfs(mnt, capacity)
     stats, failures = Counter(), []
