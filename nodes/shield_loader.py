@@ -70,6 +70,17 @@ def resolve(folder: str) -> Path:
     return resolve_folder(folder, roots(), read_allow_list(allow_list_file()), hint)
 
 
+_LOADED: dict[tuple, dict] = {}  # (folder, width, height, resize) -> {database folder: committed state when loaded}
+
+
+def database_changes(path: Path, width, height, resize) -> str:
+    """Empty while the databases loaded for these inputs are as they were committed when loaded; else their
+    new states: a shard damaged or replaced while ComfyUI holds the set makes the node run again (and check it)."""
+    loaded = _LOADED.get((str(path), width, height, resize), {})
+    now = {db: ShieldDatabase(db).committed_state() for db in sorted(loaded)}
+    return "" if now == loaded else ":database changed:" + "".join(now.values())
+
+
 class ShieldSetLoader:
     DESCRIPTION = ("Encodes a folder of protected images with a VAE into a shield set that SPELL keeps every "
                    "output away from. Cached on disk: unchanged images are never re-encoded.")
@@ -105,7 +116,8 @@ class ShieldSetLoader:
         if rebuild or STORAGE_IMPORT_ERROR is not None:
             return float("nan")
         try:
-            return fingerprint(resolve(folder), width, height, resize)
+            path = resolve(folder)
+            return fingerprint(path, width, height, resize) + database_changes(path, width, height, resize)
         except ValueError as err:
             return str(err)
 
@@ -124,6 +136,8 @@ class ShieldSetLoader:
         except UnsafeCacheError as err:
             raise ValueError(f"{NODE}: input 'folder' {folder!r}: {err}") from None
         snapshot = ShieldDatabase(result.database).snapshot()
+        _LOADED.setdefault((str(path), width, height, resize), {})[result.database] = \
+            ShieldDatabase(result.database).committed_state()
         source = DatabaseShields(snapshot)
         name = f"{path.name} ({len(source)} images)"
         LOG.info("%s: %s: %s", NODE, path, result.summary())

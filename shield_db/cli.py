@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from . import manifest
-from .database import ShieldDatabase
-from .errors import ShieldDatabaseError
+from .database import ShieldDatabase, Snapshot, maintenance_owed
+from .errors import DatabaseLockedError, ShieldDatabaseError
 from .folder import CACHE_DIR, database_folder, sync_folder
 from .images import RESIZE_MODES
+from .lock import database_lock
 from .storage import sha256_file
 
 LOG = logging.getLogger("shielded_sampling.shield_db")
@@ -67,14 +68,17 @@ def cmd_build(args) -> int:
     result = sync_folder(folder, vae_encoder(vae), latent_shape(vae, args.width, args.height, "shield_db build"),
                          args.width, args.height, args.resize, fp, batch_size=args.batch_size,
                          thumbnail_size=args.thumbnail_size, rebuild=args.rebuild, database=target,
-                         progress=progress_bar())
+                         progress=progress_bar(), commit_rows=args.commit_rows)
+    if ShieldDatabase(result.database).finish_pending():  # a killed build had left its finish undone
+        LOG.info("%s: finished the maintenance an interrupted build left (merge, index, cleanup)", result.database)
     LOG.info("%s: %s", result.database, result.summary())
     return 0
 
 
-def describe(path: Path) -> dict:
-    db = ShieldDatabase(path)
-    snap = db.snapshot(check_sha=False)
+def describe(path: Path, lock_timeout: float = 600.0) -> dict:
+    """Counts and sizes, read under the shared lock; changes nothing (works on read-only media)."""
+    with database_lock(path, exclusive=False, timeout=lock_timeout):
+        snap = Snapshot(path, manifest.load(path), check_sha=False)
     body = snap.body
     return {
         "database": str(path), "shields": len(snap.live_rows), "items": len(body["items"]), "rows": snap.rows,
@@ -83,35 +87,56 @@ def describe(path: Path) -> dict:
         "vae_fingerprint": body["vae_fingerprint"], "shards": len(body["shards"]),
         "index": None if body["index"] is None else {"rows": body["index"]["rows"], "dim": body["index"]["dim"] + 1},
         "skipped": len(body["skipped"]), "thumbnail_size": body["thumbnail_size"],
+        "maintenance_owed": maintenance_owed(path, body),
         "bytes_on_disk": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
     }
 
 
 def cmd_inspect(args) -> int:
     for path in databases(Path(args.path)):
-        LOG.info("%s", json.dumps(describe(path), indent=1))
+        LOG.info("%s", json.dumps(describe(path, args.lock_timeout), indent=1))
     return 0
 
 
 def cmd_verify(args) -> int:
-    """Recompute every checksum (manifest, shards, index) and open the database; exit 1 on any problem."""
+    """Recompute every checksum (manifest, shards, index) and open the database; exit 1 on any problem.
+
+    Runs under the shared lock, so a writer's commit or cleanup is never seen half done (it waits for the
+    writer, up to ``--lock-timeout``). Changes nothing: works on read-only media.
+    """
     status = 0
     for path in databases(Path(args.path)):
         try:
-            body = manifest.load(path)
-            files = [(e["file"], e["sha256"]) for e in body["shards"]]
-            if body["index"]:
-                files += [(body["index"][k]["file"], body["index"][k]["sha256"]) for k in ("basis", "faiss")]
-            bad = [f for f, sha in files if not (path / f).is_file() or sha256_file(path / f) != sha]
-            if bad:
-                raise ShieldDatabaseError(f"shield database {path}: checksum mismatch or missing: {bad}. Rebuild it with "
-                                          f"`python -m shield_db build --rebuild ...`")
-            ShieldDatabase(path).snapshot()
-            LOG.info("OK %s: %d files verified", path, len(files))
+            with database_lock(path, exclusive=False, timeout=args.lock_timeout):
+                checked = verify_database(path)
+            LOG.info("OK %s: %d files verified", path, checked)
+        except DatabaseLockedError as err:
+            LOG.error("NOT CHECKED %s (nothing was found wrong; run verify again when the build is done)", err)
+            status = 1
         except ShieldDatabaseError as err:
             LOG.error("FAILED %s", err)
             status = 1
     return status
+
+
+def verify_database(path: Path) -> int:
+    """Hash every file against the manifest (ignoring remembered verdicts) and open it; returns the file count."""
+    body = manifest.load(path)
+    files = [(e["file"], e["sha256"]) for e in body["shards"]]
+    if body["index"]:
+        files += [(body["index"][k]["file"], body["index"][k]["sha256"]) for k in ("basis", "faiss")]
+    bad = []
+    for name, sha in files:
+        try:
+            if sha256_file(path / name) != sha:
+                bad.append(name)
+        except OSError as exc:
+            bad.append(f"{name} ({exc.strerror})")
+    if bad:
+        raise ShieldDatabaseError(f"shield database {path}: checksum mismatch or missing: {bad}. Rebuild it with "
+                                  f"`python -m shield_db build --rebuild ...`")
+    Snapshot(path, body)
+    return len(files)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--thumbnail-size", type=int, default=48)
     b.add_argument("--db", type=Path, default=None, help="database folder (default: <folder>/.shield_db/<key>, "
                                                          "where the Shield Set Loader looks)")
+    b.add_argument("--commit-rows", type=int, default=256, help="images per commit: a stopped build resumes from "
+                                                                "the last commit (default 256)")
     b.add_argument("--rebuild", action="store_true", help="discard the existing database and encode everything")
     b.add_argument("--cpu", action="store_true", help="encode on the CPU (automatic when no GPU is available)")
     b.set_defaults(run=cmd_build)
@@ -134,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
                             ("verify", cmd_verify, "recompute every checksum")):
         c = sub.add_parser(name, help=text)
         c.add_argument("path", help="a database folder, or an image folder with .shield_db/ databases")
+        c.add_argument("--lock-timeout", type=float, default=600.0,
+                       help="seconds to wait for a running build to release the database (default 600)")
         c.set_defaults(run=run)
     return p
 
@@ -160,4 +189,8 @@ def main(argv=None) -> int:
         return args.run(args)
     except ShieldDatabaseError as err:
         LOG.error("error: %s", err)
+        return 1
+    except OSError as err:  # disk full, read-only, I/O error: everything committed before it is kept
+        LOG.error("error: %s. Everything committed before this error is kept; fix the cause and run the same "
+                  "command again to resume.", err)
         return 1

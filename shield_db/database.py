@@ -18,21 +18,24 @@ committed state; unreferenced files are removed by the next writer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import stat
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from . import manifest
-from .checksums import verified_sha256
-from .errors import CorruptDatabaseError, ShieldDatabaseError
+from .checksums import remember, stat_key, verified_sha256
+from .errors import CorruptDatabaseError, DatabaseLockedError, ReadOnlyDatabaseError, ShieldDatabaseError
 from .feature_index import FeatureIndex
 from .lock import database_lock
 from .projection import FIT_SAMPLE_ROWS, fit_basis
-from .row_reader import RowReader
-from .storage import map_tensor, tensor_names, write_safetensors_atomic
+from .row_reader import OpenFile, RowReader
+from .storage import read_safetensors_header, tensor_layout, write_safetensors_atomic
 
 LOG = logging.getLogger("shielded_sampling")
 SOURCE, SHA, ROW, SIZE, MTIME = range(5)
@@ -41,29 +44,43 @@ DEFAULT_COMMIT_ROWS = 256
 DEFAULT_INDEX_DIM = 64
 FEATURE_CHUNK_ROWS = 4096
 MERGE_RUN = 8
+_REFERENCED: dict[tuple, list] = {}
+MAINTENANCE = "maintenance_pending"  # manifest key: set by every commit before the last one of a writer
 
 
 class Shard:
-    """One memory-mapped shard, checked against its manifest entry."""
+    """One shard, checked against its manifest entry and held open (one descriptor) for positioned reads."""
 
     def __init__(self, folder: Path, entry: dict, item_shape: tuple, thumbnail_size: int, check_sha: bool = True):
         path = folder / entry["file"]
-        if not path.is_file():
-            raise CorruptDatabaseError(folder, path, "missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise CorruptDatabaseError(folder, path, f"{path.stat().st_size} bytes, manifest says {entry['bytes']}"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise CorruptDatabaseError(folder, path, "missing") from None
+        except OSError as exc:
+            raise CorruptDatabaseError(folder, path, f"unreadable: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptDatabaseError(folder, path, "missing (not a regular file)")
+        if st.st_size != entry["bytes"]:
+            raise CorruptDatabaseError(folder, path, f"{st.st_size} bytes, manifest says {entry['bytes']}"
                                                      " (truncated or replaced)")
-        if check_sha and verified_sha256(path, folder) != entry["sha256"]:
+        if check_sha and verified_sha256(path, folder, expected=entry["sha256"]) != entry["sha256"]:
             raise CorruptDatabaseError(folder, path, "checksum does not match the manifest")
         self.path, self.rows = path, int(entry["rows"])
-        self.latents = map_tensor(path, folder, "latents")
-        if self.latents.dtype != np.float16 or self.latents.shape != (self.rows, *item_shape):
-            raise CorruptDatabaseError(folder, path, f"latents {self.latents.dtype} {self.latents.shape}, expected "
-                                                     f"float16 {(self.rows, *item_shape)}")
-        self.latent_reader = RowReader(path, folder, self.latents) if isinstance(self.latents, np.memmap) else None
-        self.thumbnails = None
-        if thumbnail_size and "thumbnails" in tensor_names(path, folder):
-            self.thumbnails = map_tensor(path, folder, "thumbnails")
+        self.file = OpenFile(path, folder, (st.st_dev, st.st_ino, st.st_size))
+        header = read_safetensors_header(path, folder)
+        offset, shape, dtype = tensor_layout(path, folder, "latents", header)
+        if dtype != np.float16 or shape != (self.rows, *item_shape):
+            raise CorruptDatabaseError(folder, path, f"latents {dtype} {shape}, expected float16 {(self.rows, *item_shape)}")
+        self.latent_reader = RowReader(self.file, offset, shape, dtype)
+        self.thumbnail_reader = None
+        if thumbnail_size and "thumbnails" in header[0]:
+            offset, shape, dtype = tensor_layout(path, folder, "thumbnails", header)
+            want = (self.rows, thumbnail_size, thumbnail_size, 3)
+            if dtype != np.uint8 or shape != want:
+                raise CorruptDatabaseError(folder, path, f"thumbnails {dtype} {shape}, the database's thumbnail size "
+                                                         f"says uint8 {want}")
+            self.thumbnail_reader = RowReader(self.file, offset, shape, dtype)
 
 
 class Snapshot:
@@ -110,9 +127,8 @@ class Snapshot:
             pick = np.nonzero(shard_of == s)[0]
             local = rows[pick] - self.offsets[s]
             order = np.argsort(local, kind="stable")
-            reader = self.shards[s].latent_reader if field == "latents" else None
-            source = reader.read if reader is not None else getattr(self.shards[s], field).__getitem__
-            out[pick[order]] = source(local[order])
+            reader = self.shards[s].latent_reader if field == "latents" else self.shards[s].thumbnail_reader
+            out[pick[order]] = reader.read(local[order])
         return out
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -121,7 +137,7 @@ class Snapshot:
 
     def read_thumbnails(self, rows: np.ndarray) -> np.ndarray | None:
         size = self.body["thumbnail_size"]
-        if not size or any(s.thumbnails is None for s in self.shards):
+        if not size or any(s.thumbnail_reader is None for s in self.shards):
             return None
         return self._gather(rows, "thumbnails", (size, size, 3), np.uint8)
 
@@ -140,6 +156,11 @@ class ShieldDatabase:
         if not self.exists():
             raise ShieldDatabaseError(f"no shield database at {self.folder} (no {manifest.MANIFEST_NAME}); build it first")
         with database_lock(self.folder, exclusive=False, timeout=self.lock_timeout):
+            body = manifest.load(self.folder)
+            if not maintenance_owed(self.folder, body):
+                return Snapshot(self.folder, body, check_sha, load_index)
+        self.finish_pending()  # a writer was killed after its last commit: finish its merge, index and cleanup
+        with database_lock(self.folder, exclusive=False, timeout=self.lock_timeout):
             return Snapshot(self.folder, manifest.load(self.folder), check_sha, load_index)
 
     @contextlib.contextmanager
@@ -156,16 +177,89 @@ class ShieldDatabase:
             if item_shape is not None and tuple(body["item_shape"]) != tuple(item_shape):
                 raise ShieldDatabaseError(f"shield database {self.folder} holds shields of shape {tuple(body['item_shape'])}, "
                                           f"not {tuple(item_shape)}; rebuild it for the new shape")
+            size = create.get("thumbnail_size")
+            if size is not None and int(size) != int(body["thumbnail_size"]):
+                raise ShieldDatabaseError(
+                    f"shield database {self.folder} stores thumbnails of {body['thumbnail_size']} px, this build asked "
+                    f"for {int(size)} px (the Shield Set Loader uses 48): build it with --thumbnail-size "
+                    f"{body['thumbnail_size']}, or rebuild it to change the size")
             txn = Transaction(self.folder, body)
             txn.remove_unreferenced_files()
             yield txn
             txn.finish()
+
+    def finish_pending(self) -> bool:
+        """Finish maintenance a killed writer owed (merge, index, cleanup); True if it ran.
+
+        Skipped when another writer holds the lock (it will finish it) or the database cannot be written
+        (read-only media: the committed state is complete and readable as it is).
+        """
+        if not self.exists():
+            return False
+        with database_lock(self.folder, exclusive=False, timeout=self.lock_timeout):
+            owed = maintenance_owed(self.folder, manifest.load(self.folder))
+        if not owed:
+            return False
+        try:
+            with ShieldDatabase(self.folder, lock_timeout=0).writer():
+                pass
+        except DatabaseLockedError:
+            return False
+        except (OSError, ReadOnlyDatabaseError) as exc:
+            LOG.warning("shield database %s: could not finish its maintenance (%s); using it as committed", self.folder, exc)
+            return False
+        return True
+
+    def committed_state(self) -> str:
+        """Changes when the manifest or any file it references changes (identity keys; nothing is hashed).
+
+        The manifest is replaced (new inode and ctime) at every commit, so its own key stands for its content;
+        the list of files it references is parsed once per manifest version.
+        """
+        path = self.folder / manifest.MANIFEST_NAME
+        try:
+            key = stat_key(path)
+            files = _REFERENCED.get((str(path), *key))
+            if files is None:
+                body = json.loads(path.read_bytes())["body"]
+                files = sorted(referenced_files(body))
+                if len(_REFERENCED) >= 16:  # the loader asks about a few databases
+                    _REFERENCED.pop(next(iter(_REFERENCED)))
+                _REFERENCED[(str(path), *key)] = files
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"unreadable manifest: {exc}"
+        digest = hashlib.sha256(f"{key}".encode())
+        for name in files:
+            try:
+                digest.update(f"{name}:{stat_key(self.folder / name)}".encode())
+            except OSError as exc:
+                digest.update(f"{name}:{exc.errno}".encode())
+        return digest.hexdigest()
 
     def create_if_missing(self, item_shape, **create) -> None:
         """Create an empty database unless one exists (nothing else is touched)."""
         if not self.exists():
             with self.writer(item_shape=item_shape, **create):
                 pass
+
+
+def referenced_files(body: dict) -> set[str]:
+    keep = {e["file"] for e in body["shards"]}
+    if body["index"]:
+        keep |= {body["index"]["basis"]["file"], body["index"]["faiss"]["file"]}
+    return keep
+
+
+def unreferenced_files(folder: Path, body: dict) -> list[Path]:
+    """Files a killed writer left: in shards/ and index/ but not in the manifest, and manifest temp files."""
+    keep = referenced_files(body)
+    found = [p for sub in ("shards", "index") if (folder / sub).is_dir() for p in (folder / sub).iterdir()
+             if f"{sub}/{p.name}" not in keep]
+    return found + list(folder.glob(f".{manifest.MANIFEST_NAME}.*.tmp"))
+
+
+def maintenance_owed(folder: Path, body: dict) -> bool:
+    return bool(body.get(MAINTENANCE)) or bool(unreferenced_files(folder, body))
 
 
 class Transaction:
@@ -270,21 +364,53 @@ class Transaction:
         tensors = {"latents": np.stack([p[2] for p in pending])}
         size = self.body["thumbnail_size"]
         if size:
-            blank = np.zeros((size, size, 3), np.uint8)
-            tensors["thumbnails"] = np.stack([blank if p[3] is None else np.asarray(p[3], np.uint8) for p in pending])
+            tensors["thumbnails"] = np.stack([self._thumbnail(p[0], p[3], size) for p in pending])
         self.body["shards"].append(self._write_shard(tensors))
         for i, (source, sha, _, _, st_size, mtime) in enumerate(pending):
             self.link(source, sha, first + i, st_size, mtime)
+        self.body[MAINTENANCE] = True  # merge, index and cleanup are owed until finish() commits
         self._save()
+        self._merge_as_you_go()
+
+    @staticmethod
+    def _thumbnail(source: str, thumb, size: int) -> np.ndarray:
+        if thumb is None:
+            return np.zeros((size, size, 3), np.uint8)
+        thumb = np.asarray(thumb)
+        if thumb.shape != (size, size, 3) or thumb.dtype != np.uint8:
+            raise ValueError(f"thumbnail of {source!r} is {thumb.dtype} {thumb.shape}; this database stores uint8 "
+                             f"({size}, {size}, 3) thumbnails (its thumbnail size is {size})")
+        return thumb
+
+    def _merge_as_you_go(self) -> None:
+        """Merge the last ``MERGE_RUN`` small shards into one once none outweighs the rest (tiered merging).
+
+        Commits of ``commit_rows`` then grow into shards of 8x, 64x, ... rows: at most ~7 small shards per
+        tier stay open, so a build of any size keeps few files (and descriptors), each row copied ~log_8 times.
+        """
+        while len(self.body["shards"]) >= MERGE_RUN:
+            tail = [int(e["rows"]) for e in self.body["shards"][-MERGE_RUN:]]
+            if max(tail) >= self.shard_rows or tail[0] > sum(tail[1:]):
+                return
+            first = len(self.body["shards"]) - MERGE_RUN
+            old = [e["file"] for e in self.body["shards"][first:]]
+            snap = Snapshot(self.folder, self.body, check_sha=True, load_index=False)
+            self._rewrite(snap, np.arange(int(snap.offsets[first]), snap.rows), compact=False, first_shard=first)
+            del snap
+            self._save()
+            for name in old:  # readers holding an older snapshot keep their open descriptors
+                with contextlib.suppress(OSError):
+                    os.remove(self.folder / name)
 
     def _write_shard(self, tensors: dict) -> dict:
         file_id = self.body["next_file_id"]
         self.body["next_file_id"] = file_id + 1
         path = self.folder / "shards" / f"shard-{file_id:06d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(path, tensors, {"format": "shield_db-shard"})
+        sha = write_safetensors_atomic(path, tensors, {"format": "shield_db-shard"})
+        remember(path, sha)
         return {"file": f"shards/{path.name}", "rows": int(len(tensors["latents"])), "bytes": path.stat().st_size,
-                "sha256": verified_sha256(path, self.folder)}
+                "sha256": sha}
 
     # ---- finishing
     def finish(self) -> None:
@@ -299,16 +425,22 @@ class Transaction:
             self._merge_small_shards(snap)
         self._refresh_index()
         self.body["items"] = list(self._by_source.values())
+        self.body.pop(MAINTENANCE, None)
         if manifest.canonical(self.body) != self._initial:  # an unchanged database is not rewritten
             self._save()
         self.remove_unreferenced_files()
 
     def _merge_small_shards(self, snap: Snapshot) -> None:
-        """Merge the trailing run of small shards (commits append them) once it is ``MERGE_RUN`` long."""
+        """At the end of a writer: fold a trailing run of >= MERGE_RUN / 2 small shards holding few rows into one.
+
+        Bigger runs are already bounded by :meth:`_merge_as_you_go`; this keeps a small database in one file
+        without copying much when a few images are added at a time.
+        """
         start = len(snap.shards)
         while start > 0 and snap.shards[start - 1].rows < self.shard_rows:
             start -= 1
-        if len(snap.shards) - start >= MERGE_RUN:
+        run_rows = snap.rows - int(snap.offsets[start])
+        if len(snap.shards) - start >= MERGE_RUN // 2 and run_rows <= self.shard_rows // MERGE_RUN:
             self._rewrite(snap, np.arange(int(snap.offsets[start]), snap.rows), compact=False, first_shard=start)
 
     def _rewrite(self, snap: Snapshot, rows: np.ndarray, compact: bool, first_shard: int = 0) -> None:
@@ -363,14 +495,6 @@ class Transaction:
 
     def remove_unreferenced_files(self) -> None:
         """Delete temp files and files no manifest entry references (left by a killed writer)."""
-        keep = {e["file"] for e in self.body["shards"]}
-        if self.body["index"]:
-            keep |= {self.body["index"]["basis"]["file"], self.body["index"]["faiss"]["file"]}
-        for sub in ("shards", "index"):
-            for path in (self.folder / sub).glob("*") if (self.folder / sub).is_dir() else []:
-                if f"{sub}/{path.name}" not in keep:
-                    with contextlib.suppress(OSError):
-                        os.remove(path)
-        for path in self.folder.glob(".*.tmp"):
+        for path in unreferenced_files(self.folder, self.body) + list(self.folder.glob(".*.tmp")):
             with contextlib.suppress(OSError):
                 os.remove(path)

@@ -19,3 +19,7 @@ class CorruptDatabaseError(ShieldDatabaseError):
 
 class DatabaseLockedError(ShieldDatabaseError):
     """Another writer kept the database lock longer than the timeout."""
+
+
+class ReadOnlyDatabaseError(ShieldDatabaseError):
+    """The database lies on read-only media or in a folder this process may not write: it can only be read."""

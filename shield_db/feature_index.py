@@ -1,14 +1,16 @@
 """FAISS range search on projected features, returning a candidate superset of the true hits."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import faiss
 import numpy as np
+from safetensors.numpy import load
 
 from .errors import CorruptDatabaseError
 from .projection import FEATURE_REL_ERROR, features, search_radius_sq
-from .storage import commit_temp, map_tensor, sha256_file, temp_path, write_safetensors_atomic
+from .storage import write_bytes_atomic, write_safetensors_atomic
 
 
 class FeatureIndex:
@@ -48,33 +50,46 @@ class FeatureIndex:
         return ids
 
     def save(self, folder: Path, file_id: int) -> dict:
-        """Write ``basis-<id>.safetensors`` and ``features-<id>.faiss`` atomically; returns their manifest entry."""
+        """Write ``basis-<id>.safetensors`` and ``features-<id>.faiss`` atomically; returns their manifest entry.
+
+        The FAISS index is serialized in memory and written by :func:`write_bytes_atomic` (every byte checked
+        before the rename): ``faiss.write_index`` loses a full disk's error when it closes the file.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         basis = folder / f"basis-{file_id:06d}.safetensors"
-        write_safetensors_atomic(basis, {"mu": self.mu, "a": self.a}, {"format": "shield_db-basis"})
+        basis_sha = write_safetensors_atomic(basis, {"mu": self.mu, "a": self.a}, {"format": "shield_db-basis"})
         feats = folder / f"features-{file_id:06d}.faiss"
-        tmp = temp_path(feats)
-        faiss.write_index(self.index, str(tmp))
-        commit_temp(tmp, feats)
-        return {"basis": {"file": f"index/{basis.name}", "sha256": sha256_file(basis)},
-                "faiss": {"file": f"index/{feats.name}", "sha256": sha256_file(feats)},
+        feats_sha = write_bytes_atomic(feats, faiss.serialize_index(self.index))
+        return {"basis": {"file": f"index/{basis.name}", "sha256": basis_sha},
+                "faiss": {"file": f"index/{feats.name}", "sha256": feats_sha},
                 "rows": self.rows, "dim": int(self.a.shape[1]), "max_norm": self.max_norm}
 
     @classmethod
     def load(cls, database: Path, entry: dict) -> "FeatureIndex":
-        """Read an index only after its files match the manifest's checksums."""
-        paths = {}
-        for key in ("basis", "faiss"):
-            path = database / entry[key]["file"]
-            if not path.is_file():
-                raise CorruptDatabaseError(database, path, "missing")
-            if sha256_file(path) != entry[key]["sha256"]:
-                raise CorruptDatabaseError(database, path, "checksum does not match the manifest")
-            paths[key] = path
-        mu = np.array(map_tensor(paths["basis"], database, "mu"))
-        a = np.array(map_tensor(paths["basis"], database, "a"))
-        index = faiss.read_index(str(paths["faiss"]))
+        """Read an index only after its bytes match the manifest's checksums (hash and parse the same bytes)."""
+        data = {key: read_checked(database, database / entry[key]["file"], entry[key]["sha256"])
+                for key in ("basis", "faiss")}
+        path = database / entry["faiss"]["file"]
+        try:
+            basis = load(data["basis"])
+            mu, a = basis["mu"], basis["a"]
+            index = faiss.deserialize_index(np.frombuffer(data["faiss"], dtype=np.uint8))
+        except Exception as exc:  # safetensors and FAISS raise their own types (RuntimeError, SafetensorError, ...)
+            raise CorruptDatabaseError(database, path, f"unreadable index: {type(exc).__name__}: {exc}") from None
         if index.ntotal != entry["rows"] or index.d != a.shape[1] + 1 or a.shape[0] != mu.shape[0]:
-            raise CorruptDatabaseError(database, paths["faiss"], f"holds {index.ntotal} rows of dim {index.d}, manifest "
-                                                                 f"says {entry['rows']} of dim {a.shape[1] + 1}")
+            raise CorruptDatabaseError(database, path, f"holds {index.ntotal} rows of dim {index.d}, manifest "
+                                                       f"says {entry['rows']} of dim {a.shape[1] + 1}")
         return cls(mu, a, index, entry["max_norm"])
+
+
+def read_checked(database: Path, path: Path, sha256: str) -> bytes:
+    """The bytes of ``path`` if their sha256 is ``sha256``, else :class:`CorruptDatabaseError` naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptDatabaseError(database, path, "missing") from None
+    except OSError as exc:
+        raise CorruptDatabaseError(database, path, f"unreadable: {exc}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CorruptDatabaseError(database, path, "checksum does not match the manifest")
+    return data

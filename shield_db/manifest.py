@@ -57,6 +57,8 @@ def load(folder: Path) -> dict:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise CorruptDatabaseError(folder, path, "missing") from None
+    except OSError as exc:
+        raise CorruptDatabaseError(folder, path, f"unreadable: {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptDatabaseError(folder, path, f"not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict) or "sha256" not in doc:

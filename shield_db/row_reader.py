@@ -1,9 +1,12 @@
-"""Scattered rows of a shard by positioned reads: no readahead, several requests in flight.
+"""Scattered rows of a shard by positioned reads: no readahead, several requests in flight, few open files.
 
 A range query verifies a few thousand rows spread over gigabytes. Through a memory map the kernel reads
 ahead ~128 KiB around every 8 KiB row, and page faults are taken one at a time under the GIL: on a cold
 page cache that costs seconds (``BENCHMARKS.md``, section shield-db). ``os.preadv`` reads exactly the rows
 straight into the output array and releases the GIL, so a few threads keep the disk queue busy.
+
+A shard holds one descriptor (latents and thumbnails share it), opened when the snapshot is taken: a later
+writer may delete the file, and a snapshot keeps reading the version it checked.
 """
 from __future__ import annotations
 
@@ -37,38 +40,71 @@ def consecutive_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, np.diff(np.concatenate([first, [len(rows)]]))
 
 
-class RowReader:
-    """Rows of ``array`` (a memory map of ``path`` at ``offset``) read with ``os.preadv`` where it exists."""
+class OpenFile:
+    """One read-only descriptor of a database file, checked to be the version that was verified."""
 
-    def __init__(self, path, database, array: np.memmap):
-        self.path, self.database, self.array = str(path), database, array
-        self.offset = int(array.offset)
-        self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY) if hasattr(os, "preadv") else None
+    def __init__(self, path, database, identity: tuple):
+        self.path, self.database = str(path), database
+        self._lock = threading.Lock()  # only for platforms without preadv (seek + read)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            raise CorruptDatabaseError(database, path, f"unreadable: {exc}") from None
+        st = os.fstat(self.fd)
+        if (st.st_dev, st.st_ino, st.st_size) != tuple(identity):
+            self.close()
+            raise CorruptDatabaseError(database, path, "replaced while it was being opened")
 
-    def __del__(self):
-        fd, self._fd = getattr(self, "_fd", None), None
+    def close(self) -> None:
+        fd, self.fd = getattr(self, "fd", None), None
         if fd is not None:
             os.close(fd)
+
+    __del__ = close
+
+    def read_into(self, target: memoryview, offset: int) -> int:
+        """Fill ``target`` from byte ``offset``; returns the bytes read (fewer only at end of file)."""
+        if hasattr(os, "preadv"):
+            return _pread_into(self.fd, target, offset)
+        with self._lock:
+            return _pread_into(self.fd, target, offset)
+
+
+class RowReader:
+    """Rows of a ``[rows, ...]`` tensor stored at byte ``offset`` of an :class:`OpenFile`."""
+
+    def __init__(self, file: OpenFile, offset: int, shape: tuple, dtype):
+        self.file, self.offset = file, int(offset)
+        self.path, self.database = file.path, file.database
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    @property
+    def _fd(self):
+        return self.file.fd
 
     def _read_runs(self, buffer: memoryview, positions: list, starts: list, counts: list) -> None:
         for pos, start, count in zip(positions, starts, counts):
             want = count * self.row_bytes
-            got = os.preadv(self._fd, [buffer[pos * self.row_bytes:pos * self.row_bytes + want]],
-                            self.offset + start * self.row_bytes)
+            target = buffer[pos * self.row_bytes:pos * self.row_bytes + want]
+            try:
+                got = self.file.read_into(target, self.offset + start * self.row_bytes)
+            except OSError as exc:
+                raise CorruptDatabaseError(self.database, self.path, f"read error at row {start}: {exc}") from None
             if got != want:
                 raise CorruptDatabaseError(self.database, self.path, f"read {got} of {want} bytes at row {start}: "
                                                                      "truncated after it was opened")
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """``array[rows]`` for sorted in-range ``rows``, as a new array."""
-        if self._fd is None:
-            return np.asarray(self.array[rows])
-        out = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
+        """``tensor[rows]`` for sorted in-range ``rows``, as a new array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if len(rows) == 0 or self.row_bytes == 0:
+            return out
         buffer = memoryview(out.reshape(-1).view(np.uint8))
         first, lengths = consecutive_runs(rows)
         runs = (first.tolist(), rows[first].tolist(), lengths.tolist())
-        if len(first) < PARALLEL_MIN_RUNS:
+        if len(first) < PARALLEL_MIN_RUNS or not hasattr(os, "preadv"):
             self._read_runs(buffer, *runs)
             return out
         parts = np.linspace(0, len(first), READ_THREADS + 1).astype(np.int64)
@@ -77,3 +113,24 @@ class RowReader:
         for job in jobs:
             job.result()
         return out
+
+
+def _pread_into(fd: int, target: memoryview, offset: int) -> int:
+    """Fill ``target`` from ``offset``; returns the bytes read (fewer only at end of file)."""
+    done = 0
+    while done < len(target):
+        if hasattr(os, "preadv"):
+            count = os.preadv(fd, [target[done:]], offset + done)
+        else:  # Windows: seek + read under OpenFile's lock
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            count = os.readv(fd, [target[done:]]) if hasattr(os, "readv") else _read_into(fd, target[done:])
+        if count <= 0:
+            break
+        done += count
+    return done
+
+
+def _read_into(fd: int, target: memoryview) -> int:
+    data = os.read(fd, len(target))
+    target[:len(data)] = data
+    return len(data)

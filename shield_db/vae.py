@@ -7,22 +7,29 @@ import weakref
 import numpy as np
 import torch
 
-FINGERPRINT_SAMPLES = 1024
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def vae_fingerprint(vae) -> str:
-    """Hash of the VAE's parameter names, shapes and 1024 evenly spaced values of each (no VAE call)."""
+    """sha256 of the VAE's class, latent channels and every parameter's name, shape, dtype and bytes (no VAE call).
+
+    Every weight is hashed: two VAEs differing in a single value get different caches. Cost ~0.2-0.5 s per
+    100 M parameters on a CPU (``BENCHMARKS.md``), once per loaded VAE object.
+    """
     if vae in _FINGERPRINTS:
         return _FINGERPRINTS[vae]
     digest = hashlib.sha256(f"{type(vae.first_stage_model).__name__}:{vae.latent_channels}".encode())
     for name, tensor in sorted(vae.first_stage_model.state_dict().items()):
-        flat = tensor.detach().flatten()
-        picks = torch.linspace(0, max(0, flat.numel() - 1), min(flat.numel(), FINGERPRINT_SAMPLES)).long()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     _FINGERPRINTS[vae] = digest.hexdigest()[:32]
     return _FINGERPRINTS[vae]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor of any dtype (bf16 and fp8 included), on the CPU."""
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def latent_shape(vae, width: int, height: int, node: str = "Shield Set Loader") -> tuple:

@@ -212,6 +212,8 @@ def test_checksums_are_remembered_across_processes_per_file_version(tmp_path, mo
     """A fresh process trusts a shard whose size, mtime and inode match its recorded hash; any rewrite is re-hashed."""
     from shield_db import checksums
     db = built(tmp_path)
+    monkeypatch.setattr(checksums, "RACY_MARGIN_NS", 0)  # files written this instant count as settled here
+    monkeypatch.setattr(checksums, "_MEMORY", {})  # the writer's own verdicts are kept in memory only
     db.snapshot()  # hashes the shards once and records the verdicts in verified.json
     assert (db.folder / checksums.RECORD_NAME).is_file()
     monkeypatch.setattr(checksums, "_MEMORY", {})  # as in a new process

@@ -1,0 +1,3 @@
+import types
+
+args = types.SimpleNamespace(cpu=False)

@@ -1,0 +1,2 @@
+def throw_exception_if_processing_interrupted():
+    return None
