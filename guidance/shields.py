@@ -265,7 +265,7 @@ class ExcludedShields:
     source's own nearest).
     """
 
-    NEAREST_GROWTH_ROUNDS = 12
+    NEAREST_GROWTH_ROUNDS = 20
 
     def __init__(self, source, excluded: torch.Tensor):
         self.source = source
@@ -294,8 +294,9 @@ class ExcludedShields:
             if self._keep(self.source.within(queries[b:b + 1], reach)).shape[0] > 0:
                 continue
             dist[b], idx[b] = math.inf, -1
+            reach = max(reach, 1e-6 * (1.0 + float(flatten(queries[b:b + 1]).float().norm())))
             for _ in range(self.NEAREST_GROWTH_ROUNDS):
-                reach *= 2
+                reach *= 4
                 found = self._keep(self.source.within(queries[b:b + 1], reach))
                 if found.shape[0]:
                     d = (flatten(found).float() - flatten(queries[b:b + 1]).float().to(found.device)).norm(dim=1)
