@@ -138,11 +138,6 @@ def shields_for_shape(settings: SpellSettings, latent_shape: tuple, cache: dict)
     return cache[want]
 
 
-def check_shapes(settings: SpellSettings, latent_shape: tuple):
-    """Raise the node's error when the shield set cannot be compared with ``latent_shape`` (no resizing)."""
-    shields_for_shape(settings, latent_shape, {})
-
-
 def effective_mask(model_options: dict, mask: torch.Tensor, sigma: torch.Tensor, guider, sigmas) -> torch.Tensor:
     """The noise mask this step uses, as ``KSamplerX0Inpaint`` computes it (differential diffusion etc.)."""
     fn = model_options.get("denoise_mask_function")

@@ -313,6 +313,48 @@ def test_inpaint_with_an_empty_mask_reports_that_nothing_can_move(comfy_nodes, s
     assert all(o.distance < report.radius for o in report.outputs) and "2 inside a shield" in report.summary()
 
 
+def test_inpaint_soft_mask_with_differential_diffusion(comfy_nodes, spell_nodes):
+    """A soft (gradient) mask under Differential Diffusion, whose per-step mask SPELL must use too."""
+    import comfy_extras.nodes_differential_diffusion as dd
+    fam = mf.FAMILIES["sd3"]
+    base = run_node(dd.DifferentialDiffusion, family_model("sd3"), 1.0)[0]
+    side = fam.latent_shape(1)[-1] * 8
+    mask = torch.linspace(-1.0, 1.0, side).clamp_min(0).expand(BATCH, side, side).contiguous()  # 0 on the left
+    latent = run_node(comfy_nodes.SetLatentNoiseMask, init_latent(fam), mask)[0]
+    pos, neg = conds(fam)
+
+    def sample(m):
+        return mf.ksample(comfy_nodes, fam, m, latent, seed=3, steps=STEPS, positive=pos, negative=neg)["samples"]
+    plain = sample(base)
+    radius = radius_for(base, plain)
+    shields = spell_nodes.LatentsToShieldSet().build({"samples": plain}, "p")[0]
+    patch = spell_nodes.make_patch("Apply SPELL", **spell_kwargs(radius=radius, shield_set=shields))
+    out = sample(patch.apply(base))
+    assert min_ratio(base, out, plain, radius, peers=True) >= 1 - TOL
+    assert torch.equal(kept_region(fam, out), kept_region(fam, plain))
+    assert max(o.final_jump for o in patch.last_report.outputs) < SMALL_FINAL_JUMP
+
+
+def test_inpaint_history_repels_from_earlier_inpaints(comfy_nodes, spell_nodes):
+    """history on: the second inpaint of the same image ends >= r from the first, moving only the mask."""
+    fam = mf.FAMILIES["sd3"]
+    model = family_model("sd3")
+    history = h.pack_submodule("nodes.spell_history")
+    history.clear("inpaint-hist")
+    plain = inpaint(comfy_nodes, fam, model)
+    radius = radius_for(model, plain)
+    patch = spell_nodes.make_patch("Apply SPELL", **spell_kwargs(radius=radius, intra_batch=False, history=True,
+                                                                 history_name="inpaint-hist"))
+    first = inpaint(comfy_nodes, fam, patch.apply(model))
+    second = inpaint(comfy_nodes, fam, patch.apply(model))
+    history.clear("inpaint-hist")
+    assert torch.equal(first, plain)                       # empty history, batch peers off: nothing to do
+    assert patch.last_report.history_count == BATCH
+    assert min_ratio(model, second, first, radius, peers=False) >= 1 - TOL
+    assert torch.equal(kept_region(fam, second), kept_region(fam, plain))
+    assert max(o.final_jump for o in patch.last_report.outputs) < SMALL_FINAL_JUMP
+
+
 # -- img2img from a protected image --------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd15", "flux", "wan21"])
 def test_img2img_from_a_shield_leave_or_exclude(comfy_nodes, spell_nodes, family):
