@@ -248,6 +248,8 @@ def output_lines(report, record, shield_label) -> tuple[list[str], tuple]:
     lines += [f"distance {d / rms:.4g} rms ({d:.4g} L2) = {d / report.radius:.3g} r",
               f"repelled: {'yes' if record.repelled else 'no'}",
               "INSIDE the shield" if inside else "outside every shield"]
+    jump = getattr(record, "final_jump", 0.0)
+    lines.append(f"by {getattr(record, 'protected_by', 'loop')}: t=0 jump {100 * jump:.2g}% of the latent")
     return lines, INSIDE if inside else OUTSIDE
 
 
@@ -315,7 +317,7 @@ def draw_output_row(fig, draw, report, rec, row, y, tile, outputs, thumbnails, s
     missing = "no thumbnail" if rec.nearest_shield >= 0 else "no shield"
     paste_tile(fig, draw, shield_img, 32 + tile, y, tile, frame, f"shield{row}", fnt, missing)
     for k, text in enumerate(lines):
-        colour = frame if k == len(lines) - 1 and frame != NEUTRAL else INK
+        colour = frame if text in ("INSIDE the shield", "outside every shield") and frame != NEUTRAL else INK
         draw_text(fig, draw, (48 + 2 * tile, y + 4 + 20 * k), text, fnt, fill=colour, name=f"row{row}_line{k}")
         fig.legend.append(text)
 

@@ -203,11 +203,10 @@ class DngSession:
             return denoised
         pending, run.pending = run.pending, None
         if pending is None or pending[1].shape != denoised.shape:
-            if not run.warned:
-                LOG.warning("%s: no concept prediction reached the post-CFG step (a guider that bypasses the "
-                            "standard CFG call?); DNG is inactive for this run", self.node)
-                run.warned = True
-            return denoised
+            raise ValueError(f"{self.node}: the guider {type(run.guider).__name__} combines its predictions itself "
+                             f"(e.g. DualCFGGuider), so the concept is never evaluated and DNG would silently do "
+                             f"nothing; use KSampler, CFGGuider/BasicGuider with this model, or the Dynamic "
+                             f"Negative Guider node")
         return self.guide(run, args["input"], args["sigma"], args["cond_denoised"], pending[1], denoised)
 
     def guide(self, run: DngRun, x, sigma, d_base, d_concept, denoised):

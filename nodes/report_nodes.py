@@ -68,7 +68,9 @@ def shield_thumbnails(shield_set, report, vae=None) -> dict:
 class SpellReportNode:
     DESCRIPTION = ("Draws what SPELL did in its last run: (a) per step, how many samples were corrected and how "
                    "large the correction was relative to the step (SPELL paper Fig. 5); (b) each output beside "
-                   "its nearest protected image with the distance and whether it was repelled (Fig. 7).")
+                   "its nearest protected image with the distance, whether it was repelled (Fig. 7), and whether "
+                   "the protection came from the sampling loop or from a final t=0 jump (with its size relative to "
+                   "the latent: a large jump means the sampler did not follow the in-loop corrections).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("activity_chart", "shield_panel", "summary")
