@@ -8,9 +8,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# ALLOWED PENDING (remove after merge): pages other helpers are writing on their branches; the README already
-# links to them. The lead deletes this set once those branches are merged, so a missing page fails again.
-PENDING = {"docs/shield_sets.md", "docs/shield_db_storage.md", "docs/spell_workflows.md", "docs/webui.md"}
 
 INLINE = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HTML = re.compile(r"""<(?:img|a|source)\b[^>]*?\b(?:src|href)\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
@@ -36,7 +33,7 @@ def test_relative_links_resolve(page):
             continue
         path = (page.parent / unquote(target.split("#")[0])).resolve()
         rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-        if not path.exists() and rel not in PENDING:
+        if not path.exists():
             broken.append(target)
     assert not broken, f"{page.name}: links to missing files {broken}"
 
