@@ -97,11 +97,26 @@ def check_shapes(settings: SpellSettings, latent_shape: tuple):
     if shield_set is None or len(shield_set) == 0:
         return
     if tuple(shield_set.item_shape) != tuple(latent_shape):
-        got = "x".join(map(str, shield_set.item_shape))
-        want = "x".join(map(str, latent_shape))
-        raise ValueError(f"{settings.node}: input 'shield_set' holds latents of shape {got} (channels x height x "
-                         f"width) but the sampled latent is {want}; build the shield set with the same model "
-                         f"family (latent channels) and the same width/height as the latent you sample")
+        raise ValueError(shape_mismatch(settings.node, tuple(shield_set.item_shape), tuple(latent_shape)))
+
+
+AXES = {3: ("channels", "height", "width"), 4: ("channels", "frames", "height", "width")}
+SAME = {"channels": "the same model family (latent channels)", "frames": "the same number of frames",
+        "height": "the same height", "width": "the same width"}
+
+
+def shape_mismatch(node: str, got: tuple, want: tuple) -> str:
+    """The shield/latent shape error naming the axes that differ (C x H x W, or C x T x H x W for a video)."""
+    def described(shape):
+        names = AXES.get(len(shape))
+        return "x".join(map(str, shape)) + (f" ({' x '.join(names)})" if names else "")
+    head = (f"{node}: input 'shield_set' holds latents of shape {described(got)} but the sampled latent is "
+            f"{described(want)}")
+    if len(got) != len(want) or len(want) not in AXES:
+        return f"{head}; build the shield set with the model family and latent size you sample with"
+    differ = [(name, g, w) for name, g, w in zip(AXES[len(want)], got, want) if g != w]
+    return (f"{head}; they differ in {', '.join(f'{n} ({g} vs {w})' for n, g, w in differ)}: build the shield set "
+            f"with {' and '.join(SAME[n] for n, _, _ in differ)} as the latent you sample")
 
 
 @dataclass
