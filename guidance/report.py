@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 # Relative float tolerance when telling "on the sphere" (the paper's guarantee) from "inside".
 INSIDE_RTOL = 1e-4
+# A final (t = 0) correction larger than this fraction of the latent's norm means the sampler did not follow
+# the in-loop corrections: the protection then came from that last jump.
+FINAL_JUMP_NOTE = 0.01
 
 
 @dataclass
@@ -30,6 +33,12 @@ class OutputRecord:
     nearest_shield: int             # index into the shield set (-1 = none / only batch peers)
     distance: float                 # raw L2 distance in the model's latent space
     repelled: bool                  # was this sample corrected at any step
+    final_jump: float = 0.0         # ||t = 0 correction|| / ||latent||: 0 when the loop alone protected it
+
+    @property
+    def protected_by(self) -> str:
+        """'final jump' when the t = 0 correction was large (see FINAL_JUMP_NOTE), else 'loop'."""
+        return "final jump" if self.final_jump > FINAL_JUMP_NOTE else "loop"
 
 
 @dataclass
@@ -46,15 +55,28 @@ class SpellReport:
     intra_batch: bool = False
     exact: bool = False
     shield_set_name: str = ""
+    movable_fraction: list[float] = field(default_factory=list)  # inpainting: share of each latent the mask frees
+    init_inside: int = 0            # shields the img2img / inpaint input itself lies in
+    init_excluded: bool = False     # ... and they were left out of this run (init_image_shield = exclude it)
 
     def summary(self) -> str:
         corrected_steps = sum(1 for s in self.steps if s.corrected)
         inside = sum(1 for o in self.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
         repelled = sum(1 for o in self.outputs if o.repelled)
         nearest = min((o.distance for o in self.outputs), default=math.inf)
-        return (f"SPELL: r={self.radius_rms:.4g} rms ({self.radius:.4g} L2), {len(self.steps)} evals, "
+        text = (f"SPELL: r={self.radius_rms:.4g} rms ({self.radius:.4g} L2), {len(self.steps)} evals, "
                 f"{corrected_steps} with corrections, {repelled}/{len(self.outputs)} outputs repelled, "
                 f"{inside} inside a shield, nearest {nearest:.4g}")
+        jumps = [o.final_jump for o in self.outputs]
+        if jumps:
+            by_jump = sum(1 for o in self.outputs if o.protected_by == "final jump")
+            text += f"; final t=0 jump max {100 * max(jumps):.2g}% of the latent ({by_jump} protected by it)"
+        if self.movable_fraction:
+            text += f"; inpaint: mask frees {100 * min(self.movable_fraction):.3g}% of the latent"
+        if self.init_inside:
+            text += (f"; input image inside {self.init_inside} shield(s), "
+                     f"{'excluded' if self.init_excluded else 'left'}")
+        return text
 
     def to_dict(self) -> dict:
         return asdict(self)

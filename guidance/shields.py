@@ -194,3 +194,111 @@ class ConcatShields:
                 best, best_idx = torch.where(better, dist, best), torch.where(better, idx, best_idx)
             offset += len(s)
         return best, best_idx
+
+
+# A set larger than this is not resampled in memory (hires passes): the user loads it at the new size instead.
+MAX_RESAMPLED_SHIELDS = 4096
+RESAMPLE_CHUNK = 256
+
+
+def resample_latents(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of latents ``[K, C, H, W]`` or ``[K, C, T, H, W]`` to ``size = (H', W')`` per frame.
+
+    Antialiased when shrinking, so a shield compared at a smaller size is its low-pass, not an aliased sample.
+    """
+    if latents.dim() not in (4, 5):
+        raise ValueError(f"resample_latents needs [K, C, H, W] or [K, C, T, H, W], got shape {tuple(latents.shape)}")
+    if tuple(latents.shape[-2:]) == tuple(size):
+        return latents.float()
+    lead = latents.shape[:-2]
+    flat = latents.float().reshape(-1, 1, *latents.shape[-2:])
+    shrink = size[0] < latents.shape[-2] or size[1] < latents.shape[-1]
+    out = torch.cat([torch.nn.functional.interpolate(flat[s:s + RESAMPLE_CHUNK * 16], size=size, mode="bilinear",
+                                                     align_corners=False, antialias=shrink)
+                     for s in range(0, flat.shape[0], RESAMPLE_CHUNK * 16)])
+    return out.reshape(*lead, *size)
+
+
+def resampled_source(source, item_shape: tuple) -> TensorShields:
+    """An in-memory copy of ``source`` (LATENT space) with every shield resized to ``item_shape``'s height/width.
+
+    Raises ValueError when channels or frames differ (those cannot be resampled meaningfully) or when the set
+    is too large to hold a resized copy.
+    """
+    have, want = tuple(source.item_shape), tuple(item_shape)
+    if len(have) != len(want) or have[:-2] != want[:-2]:
+        raise ValueError(resample_mismatch(have, want))
+    if len(source) > MAX_RESAMPLED_SHIELDS:
+        raise ValueError(f"{len(source)} shields are too many to resize in memory (limit {MAX_RESAMPLED_SHIELDS})")
+    latents = all_latents(source)
+    return TensorShields(resample_latents(latents, want[-2:]))
+
+
+def resample_mismatch(have: tuple, want: tuple) -> str:
+    """Name the dimension that differs between shields ``have`` and latents ``want`` (not width/height)."""
+    if len(have) != len(want):
+        kinds = {3: "image latents (C x H x W)", 4: "video latents (C x T x H x W)"}
+        return (f"shields are {kinds.get(len(have), f'{len(have)}-D')} but the sampled latent is "
+                f"{kinds.get(len(want), f'{len(want)}-D')}")
+    if have[0] != want[0]:
+        return f"shields have {have[0]} latent channels but the sampled latent has {want[0]} (another model family)"
+    return f"shields have {have[1]} latent frames but the sampled latent has {want[1]} (C x T x H x W)"
+
+
+def all_latents(source) -> torch.Tensor:
+    """Every shield of a source as one float32 tensor (in-memory sets, databases, concatenations)."""
+    if isinstance(source, TensorShields):
+        return source.shields.float().cpu()
+    if isinstance(source, ConcatShields):
+        return torch.cat([all_latents(s) for s in source.sources])
+    if hasattr(source, "latents"):
+        return torch.cat([source.latents(list(range(s, min(s + RESAMPLE_CHUNK, len(source)))))
+                          for s in range(0, len(source), RESAMPLE_CHUNK)]).float()
+    raise ValueError(f"a {type(source).__name__} cannot list its shields")
+
+
+class ExcludedShields:
+    """A source minus some of its shields (given by value, exactly as the source returns them).
+
+    Used to leave out the shield an img2img / inpaint input image itself lies in. ``within`` drops rows equal
+    to an excluded shield; ``nearest`` reports the nearest remaining shield (index -1 when that is not the
+    source's own nearest).
+    """
+
+    NEAREST_GROWTH_ROUNDS = 12
+
+    def __init__(self, source, excluded: torch.Tensor):
+        self.source = source
+        self.item_shape = source.item_shape
+        self.excluded = flatten(excluded).float()
+
+    def __len__(self) -> int:
+        return max(0, len(self.source) - self.excluded.shape[0])
+
+    def _keep(self, found: torch.Tensor) -> torch.Tensor:
+        if found.shape[0] == 0 or self.excluded.shape[0] == 0:
+            return found
+        flat = flatten(found).float()
+        excl = self.excluded.to(flat.device)
+        same = torch.stack([(flat == e).all(-1) for e in excl]).any(0)
+        return found[~same]
+
+    def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
+        return self._keep(self.source.within(queries, radius))
+
+    def nearest(self, queries: torch.Tensor):
+        dist, idx = self.source.nearest(queries)
+        dist, idx = dist.clone(), idx.clone()
+        for b in range(queries.shape[0]):
+            reach = float(dist[b]) * (1 + 1e-6) + 1e-12
+            if self._keep(self.source.within(queries[b:b + 1], reach)).shape[0] > 0:
+                continue
+            dist[b], idx[b] = math.inf, -1
+            for _ in range(self.NEAREST_GROWTH_ROUNDS):
+                reach *= 2
+                found = self._keep(self.source.within(queries[b:b + 1], reach))
+                if found.shape[0]:
+                    d = (flatten(found).float() - flatten(queries[b:b + 1]).float().to(found.device)).norm(dim=1)
+                    dist[b] = d.min().to(dist.device)
+                    break
+        return dist, idx

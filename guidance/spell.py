@@ -71,11 +71,13 @@ def stable_norm_and_unit(diff: torch.Tensor):
 
 
 def repellency_terms(x: torch.Tensor, centres: torch.Tensor, radius: float, ties: torch.Tensor,
-                     exclude_self: bool = False):
+                     exclude_self: bool = False, movable: torch.Tensor | None = None):
     """Eq. 5 for every sample of ``x [B, D]`` against ``centres [M, D]`` (all float32), chunked over M.
 
     Returns ``(Delta [B, D], hits [B], nearest [B], unit sum of containing centres [B, D], count)``;
     with ``exclude_self`` the centres are the batch itself and the diagonal is skipped (eq. 7).
+    ``movable [B, D]`` (bool, optional) restricts the push to those elements (an inpainting mask): see
+    :func:`masked_terms`.
     """
     b, d = x.shape
     delta = torch.zeros_like(x)
@@ -85,20 +87,39 @@ def repellency_terms(x: torch.Tensor, centres: torch.Tensor, radius: float, ties
     step = max(1, PAIR_BLOCK_ELEMENTS // max(1, b * d))
     for start in range(0, centres.shape[0], step):
         z = centres[start:start + step]
-        dist, unit = stable_norm_and_unit(x[:, None, :] - z[None, :, :])
+        diff = x[:, None, :] - z[None, :, :]
+        if movable is None:
+            dist, unit = stable_norm_and_unit(diff)
+            full, reach = dist, radius
+        else:
+            full, dist, unit, reach = masked_terms(diff, movable[:, None, :], radius)
         unit = torch.where(dist[..., None] > 0, unit, ties[:, None, :])
-        inside = dist < radius
+        inside = full < radius
         if exclude_self:
             own = torch.arange(start, start + z.shape[0], device=x.device)
             is_self = own[None, :] == torch.arange(b, device=x.device)[:, None]
             inside &= ~is_self
-            dist = dist.masked_fill(is_self, math.inf)
-        weight = torch.where(inside, radius - dist, torch.zeros_like(dist))
+            full = full.masked_fill(is_self, math.inf)
+        weight = torch.where(inside, reach - dist, torch.zeros_like(dist))
         delta += (weight[..., None] * unit).sum(1)
         centroid += (inside[..., None] * z[None, :, :]).sum(1)
         hits += inside.sum(1)
-        nearest = torch.minimum(nearest, dist.min(1).values)
+        nearest = torch.minimum(nearest, full.min(1).values)
     return delta, hits, nearest, centroid
+
+
+def masked_terms(diff: torch.Tensor, movable: torch.Tensor, radius: float):
+    """Eq. 5 restricted to the elements an inpainting mask lets move.
+
+    With ``f = ||diff|| over the fixed elements`` the ball ``||diff|| < r`` is left exactly when the movable
+    part reaches ``sqrt(r^2 - f^2)``: the paper's term with that per-pair radius, in the movable subspace.
+    Returns ``(full distance, movable distance, movable unit vector, per-pair radius)``.
+    """
+    full, _ = stable_norm_and_unit(diff)
+    fixed, _ = stable_norm_and_unit(torch.where(movable, torch.zeros_like(diff), diff))
+    dist, unit = stable_norm_and_unit(torch.where(movable, diff, torch.zeros_like(diff)))
+    reach = (radius * radius - fixed.square()).clamp_min(0).sqrt()
+    return full, dist, unit, reach
 
 
 def exit_step(x: torch.Tensor, direction: torch.Tensor, centres: torch.Tensor, radius: float) -> torch.Tensor:
@@ -118,6 +139,7 @@ class _Shieldsets:
 
     source: object
     intra_batch: bool
+    movable: torch.Tensor | None = None   # [B, D] bool: elements the push may change (None = all)
 
     def centres_for(self, x: torch.Tensor, reach: float) -> torch.Tensor:
         """Every source shield within ``reach`` of some row of ``x`` (flat float32)."""
@@ -127,11 +149,12 @@ class _Shieldsets:
         return found.reshape(found.shape[0], x.shape[1]).float().to(x.device)
 
 
-def correction(x: torch.Tensor, centres: torch.Tensor, intra_batch: bool, radius: float, ties: torch.Tensor):
+def correction(x: torch.Tensor, centres: torch.Tensor, intra_batch: bool, radius: float, ties: torch.Tensor,
+               movable: torch.Tensor | None = None):
     """Eq. 5 (``centres``) + eq. 7 (other rows of ``x``) summed: ``(Delta, hits, nearest, centroid sum)``."""
-    delta, hits, nearest, centroid = repellency_terms(x, centres, radius, ties)
+    delta, hits, nearest, centroid = repellency_terms(x, centres, radius, ties, movable=movable)
     if intra_batch and x.shape[0] > 1:
-        d2, h2, n2, c2 = repellency_terms(x, x, radius, ties, exclude_self=True)
+        d2, h2, n2, c2 = repellency_terms(x, x, radius, ties, exclude_self=True, movable=movable)
         delta, hits, nearest, centroid = delta + d2, hits + h2, torch.minimum(nearest, n2), centroid + c2
     return delta, hits, nearest, centroid
 
@@ -141,11 +164,12 @@ def exact_round(x: torch.Tensor, sets: _Shieldsets, radius: float, ties: torch.T
     """One exact-mode round: move every sample still inside a shield out of all shields containing it."""
     target = radius * (1 + EXACT_MARGIN) if target is None else target
     centres = sets.centres_for(x, radius)
-    delta, hits, _, centroid = correction(x, centres, sets.intra_batch, radius, ties)
+    delta, hits, _, centroid = correction(x, centres, sets.intra_batch, radius, ties, sets.movable)
     moved = x.clone()
     for i in hits.nonzero().flatten().tolist():
         containing = _containing_centres(x, i, centres, sets.intra_batch, radius)
-        direction = _escape_direction(x[i], delta[i], centroid[i] / hits[i], ties[i])
+        movable_i = None if sets.movable is None else sets.movable[i]
+        direction = _escape_direction(x[i], delta[i], centroid[i] / hits[i], ties[i], movable_i)
         moved[i] = x[i] + exit_step(x[i], direction, containing, target) * direction
     return moved
 
@@ -157,9 +181,11 @@ def _containing_centres(x: torch.Tensor, i: int, centres: torch.Tensor, intra_ba
     return centres[dist < radius]
 
 
-def _escape_direction(xi, delta_i, centroid_i, tie_i) -> torch.Tensor:
+def _escape_direction(xi, delta_i, centroid_i, tie_i, movable_i=None) -> torch.Tensor:
     """Summed repulsion if it has not cancelled, else away from the containing centres' mean, else the tie."""
     for candidate in (delta_i, xi - centroid_i):
+        if movable_i is not None:
+            candidate = torch.where(movable_i, candidate, torch.zeros_like(candidate))
         norm, unit = stable_norm_and_unit(candidate[None, :])
         if norm.item() > 0 and torch.isfinite(norm).item():
             return unit[0]
@@ -183,20 +209,25 @@ def _validated(x0_hat: torch.Tensor, radius: float, overcompensation: float, shi
 
 def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_batch: bool = False,
                       overcompensation: float = 1.0, exact: bool = False,
-                      max_rounds: int = MAX_EXACT_ROUNDS) -> SpellResult:
+                      max_rounds: int = MAX_EXACT_ROUNDS, movable: torch.Tensor | None = None) -> SpellResult:
     """SPELL correction of ``x0_hat [B, ...]`` (eq. 5 with ``shields``, eq. 7 with ``intra_batch``, or both).
 
     ``shields``: ``None``, a tensor ``[K, ...]`` or a shield source (see ``guidance.shields``).
     ``radius`` is the raw L2 radius. Distances are computed in float32; the result has the input dtype.
+    ``movable`` (bool, shape of ``x0_hat``): only these elements may change (inpainting: the masked region);
+    distances still count every element. A row with nothing movable cannot be moved and stays ``inside``.
     """
     shields = _validated(x0_hat, float(radius), float(overcompensation), shields)
     radius = float(radius)
-    sets = _Shieldsets(shields, bool(intra_batch))
     x = flatten(x0_hat).float()
+    movable = _validated_movable(movable, x0_hat)
+    sets = _Shieldsets(shields, bool(intra_batch), movable)
     ties = tie_directions(x.shape[0], x.shape[1], x.device)
+    if movable is not None:
+        ties = masked_ties(ties, movable)
     # One search with a 2r reach gives the terms (only d < r counts) and nearby distances for the report.
     centres = sets.centres_for(x, 2 * radius)
-    delta, hits, nearest, _ = correction(x, centres, sets.intra_batch, radius, ties)
+    delta, hits, nearest, _ = correction(x, centres, sets.intra_batch, radius, ties, movable)
     corrected = x + overcompensation * delta
     active = (corrected != x).any(1)
     final = nearest
@@ -204,7 +235,7 @@ def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_b
         # A shield within r of a result moved by <= r lies within 2r of x0_hat: the first search covers it.
         moved_at_most_r = (corrected - x).norm(dim=1).max().item() <= radius
         reuse = centres if moved_at_most_r else sets.centres_for(corrected, 2 * radius)
-        _, _, final, _ = correction(corrected, reuse, sets.intra_batch, radius, ties)
+        _, _, final, _ = correction(corrected, reuse, sets.intra_batch, radius, ties, movable)
     rounds = 1
     if exact:
         corrected, final, rounds = _exact_rounds(corrected, final, sets, radius, ties, max_rounds, x0_hat.dtype)
@@ -218,6 +249,33 @@ def sparse_repellency(x0_hat: torch.Tensor, radius: float, shields=None, intra_b
         inside=final < radius,
         rounds=rounds,
     )
+
+
+def _validated_movable(movable, x0_hat: torch.Tensor) -> torch.Tensor | None:
+    if movable is None:
+        return None
+    if tuple(movable.shape) != tuple(x0_hat.shape):
+        raise ValueError(f"movable must have the prediction's shape {tuple(x0_hat.shape)}, got {tuple(movable.shape)}")
+    return flatten(movable.to(device=x0_hat.device, dtype=torch.bool))
+
+
+def masked_ties(ties: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+    """Tie directions restricted to each row's movable elements (zero for a row with none)."""
+    _, unit = stable_norm_and_unit(torch.where(movable, ties, torch.zeros_like(ties)))
+    return unit
+
+
+def inpaint_blend(x0_hat: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """What an inpainting sampler keeps of a prediction: ``x0_hat * m + kept * (1 - m)`` (ComfyUI's order)."""
+    return x0_hat * mask + kept * (1. - mask)
+
+
+def unblended_prediction(x0_hat: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor,
+                         movable: torch.Tensor) -> torch.Tensor:
+    """The prediction whose blend moves by ``delta``: ``x0_hat + delta / m`` where movable, ``x0_hat`` elsewhere."""
+    step = torch.where(movable, delta.to(x0_hat.dtype) / torch.where(movable, mask, torch.ones_like(mask)),
+                       torch.zeros_like(x0_hat))
+    return x0_hat + step
 
 
 def _exact_rounds(x, final, sets, radius, ties, max_rounds, dtype):
@@ -244,5 +302,6 @@ def _exact_rounds(x, final, sets, radius, ties, max_rounds, dtype):
 
 def _nearest_known(x, sets, radius, ties) -> torch.Tensor:
     """Distance to the nearest batch peer (intra-batch) or source shield within 2r; inf if none."""
-    _, _, nearest, _ = correction(x, sets.centres_for(x, 2 * radius), sets.intra_batch, radius, ties)
+    _, _, nearest, _ = correction(x, sets.centres_for(x, 2 * radius), sets.intra_batch, radius, ties,
+                                  sets.movable)
     return nearest

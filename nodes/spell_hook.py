@@ -1,12 +1,19 @@
-"""SPELL inside ComfyUI's sampler: a post-CFG function plus a ``SAMPLER_SAMPLE`` wrapper.
+"""SPELL inside ComfyUI's sampler: a ``PREDICT_NOISE`` wrapper plus a ``SAMPLER_SAMPLE`` wrapper.
 
-The post-CFG function sees every CFG-combined prediction ``denoised`` (the paper's ``x0_hat``) in the
-model's latent space, under KSampler, KSamplerAdvanced and SamplerCustom(Advanced) with any guider that
-runs post-CFG functions. The wrapper runs once around each sampler run: it creates the per-run state
-(shields mapped into the model's space, the schedule, the report), and at the end of a run that reaches
-sigma = 0 it applies the correction once more to the final latents (the t = 0 step of the chain, which
-matters for multistep samplers such as UniPC whose output is not the last prediction) and adds the
-outputs to the history.
+The ``PREDICT_NOISE`` wrapper sees the guider's final prediction ``denoised`` (the paper's ``x0_hat``) in
+the model's latent space, after every post-CFG function and after whatever a guider does with it
+(DualCFGGuider adds a second difference after its CFG): SPELL corrects the prediction the sampler will
+use, under KSampler, KSamplerAdvanced and SamplerCustom(Advanced) with any guider. The ``SAMPLER_SAMPLE``
+wrapper runs once around each sampler run: it creates the per-run state (shields mapped into the model's
+space and resized to the latent's height/width, the init image, the inpainting mask, the schedule, the
+report), and at the end of a run that reaches sigma = 0 it applies the correction once more to the final
+latents (the t = 0 step of the chain, which matters for multistep samplers such as UniPC whose output is
+not the last prediction) and adds the outputs to the history.
+
+Inpainting. With a noise mask ``m`` ComfyUI replaces the prediction by ``x0_hat m + L (1 - m)`` (``L`` the
+input latent) after the guider returns. SPELL measures that blend, moves only the elements the mask lets
+change (``m > MOVABLE_MASK``) and returns the prediction whose blend is the corrected one, so the kept
+region stays exactly the host's and the protection happens inside the loop.
 """
 from __future__ import annotations
 
@@ -18,11 +25,18 @@ import torch
 
 from ..guidance import spell
 from ..guidance.report import OutputRecord, SpellReport, StepRecord
-from ..guidance.shields import AffineShields, ConcatShields, TensorShields
+from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
+                                resampled_source)
 from . import spell_history
 
 LOG = logging.getLogger("shielded_sampling")
 SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
+PREDICT_NOISE = "predict_noise"    # comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+# Mask values at or below this count as kept: moving them would need a push of delta / m.
+MOVABLE_MASK = 1e-3
+INIT_LEAVE = "leave it"            # init_image_shield choices
+INIT_EXCLUDE = "exclude it"
+INIT_CHOICES = (INIT_LEAVE, INIT_EXCLUDE)
 
 
 def raw_radius(radius_rms: float, elements: int) -> float:
@@ -43,6 +57,7 @@ class SpellSettings:
     end_percent: float = 1.0
     exact: bool = False
     shield_set: object = None       # nodes.shield_set.ShieldSet or None
+    init_image_shield: str = INIT_LEAVE  # img2img/inpaint from a shielded image: leave its shield or exclude it
 
     def validate(self):
         def fail(inp, msg):
@@ -56,6 +71,8 @@ class SpellSettings:
                  f"{self.end_percent})")
         if self.history and not self.history_name.strip():
             fail("history_name", "is empty; give the history a name such as 'default'")
+        if self.init_image_shield not in INIT_CHOICES:
+            fail("init_image_shield", f"must be one of {list(INIT_CHOICES)} (got {self.init_image_shield!r})")
 
 
 def latent_affine(latent_format, item_shape) -> tuple[float, float] | None:
@@ -92,31 +109,46 @@ def on_device(source, device):
     return source
 
 
-def check_shapes(settings: SpellSettings, latent_shape: tuple):
+def shields_for_shape(settings: SpellSettings, latent_shape: tuple, cache: dict):
+    """The shield set's LATENT-space source at ``latent_shape``: as is, or resized to its height/width.
+
+    A hires-fix or two-pass graph samples the same model at another resolution; the shields are then
+    compared at that pass's size (bilinear, antialiased when shrinking). Channels and frames must match.
+    """
     shield_set = settings.shield_set
     if shield_set is None or len(shield_set) == 0:
-        return
-    if tuple(shield_set.item_shape) != tuple(latent_shape):
-        raise ValueError(shape_mismatch(settings.node, tuple(shield_set.item_shape), tuple(latent_shape)))
+        return None
+    have, want = tuple(shield_set.item_shape), tuple(latent_shape)
+    if have == want:
+        return shield_set.source
+    got, need = "x".join(map(str, have)), "x".join(map(str, want))
+    if len(have) != len(want) or have[:-2] != want[:-2]:
+        raise ValueError(f"{settings.node}: input 'shield_set' holds latents of shape {got} but the sampled latent "
+                         f"is {need}: {resample_mismatch(have, want)}; build the shield set with the same model "
+                         f"family and frame count as the latent you sample")
+    if want not in cache:
+        try:
+            cache[want] = resampled_source(shield_set.source, want)
+        except ValueError as err:
+            raise ValueError(f"{settings.node}: input 'shield_set' ({got}) cannot be compared with the sampled "
+                             f"latent ({need}): {err}; load the shield set at this pass's width/height (a second "
+                             f"Shield Set Loader) and give this pass its own Apply SPELL") from err
+        LOG.info("%s: shields of %s resized to %s (height x width of this pass) for comparison",
+                 settings.node, got, need)
+    return cache[want]
 
 
-AXES = {3: ("channels", "height", "width"), 4: ("channels", "frames", "height", "width")}
-SAME = {"channels": "the same model family (latent channels)", "frames": "the same number of frames",
-        "height": "the same height", "width": "the same width"}
+def check_shapes(settings: SpellSettings, latent_shape: tuple):
+    """Raise the node's error when the shield set cannot be compared with ``latent_shape`` (no resizing)."""
+    shields_for_shape(settings, latent_shape, {})
 
 
-def shape_mismatch(node: str, got: tuple, want: tuple) -> str:
-    """The shield/latent shape error naming the axes that differ (C x H x W, or C x T x H x W for a video)."""
-    def described(shape):
-        names = AXES.get(len(shape))
-        return "x".join(map(str, shape)) + (f" ({' x '.join(names)})" if names else "")
-    head = (f"{node}: input 'shield_set' holds latents of shape {described(got)} but the sampled latent is "
-            f"{described(want)}")
-    if len(got) != len(want) or len(want) not in AXES:
-        return f"{head}; build the shield set with the model family and latent size you sample with"
-    differ = [(name, g, w) for name, g, w in zip(AXES[len(want)], got, want) if g != w]
-    return (f"{head}; they differ in {', '.join(f'{n} ({g} vs {w})' for n, g, w in differ)}: build the shield set "
-            f"with {' and '.join(SAME[n] for n, _, _ in differ)} as the latent you sample")
+def effective_mask(model_options: dict, mask: torch.Tensor, sigma: torch.Tensor, guider, sigmas) -> torch.Tensor:
+    """The noise mask this step uses, as ``KSamplerX0Inpaint`` computes it (differential diffusion etc.)."""
+    fn = model_options.get("denoise_mask_function")
+    if fn is None:
+        return mask
+    return fn(sigma, mask, extra_options={"model": guider, "sigmas": sigmas})
 
 
 @dataclass
@@ -133,8 +165,17 @@ class RunState:
     report: SpellReport
     repelled: torch.Tensor | None = None
     warned_single: bool = False
+    warned_unmovable: bool = False
     elements: int = 0
     radius: float = 0.0
+    guider: object = None
+    sigma_tensor: torch.Tensor | None = None
+    kept: torch.Tensor | None = None          # the input latent (model space) an inpainting sampler keeps
+    mask: torch.Tensor | None = None          # ComfyUI's noise mask, shape of the latent; None without one
+    last_mask: torch.Tensor | None = None     # the mask of the latest model evaluation
+    resized_from: tuple | None = None         # the shield set's own shape when it was resized for this pass
+    init_inside: int = 0                      # shields the init image itself lies in
+    init_excluded: bool = False
 
     def step_index(self, sigma: float) -> int:
         return min(range(len(self.sigmas)), key=lambda i: abs(self.sigmas[i] - sigma)) if self.sigmas else 0
@@ -151,6 +192,7 @@ class SpellPatch:
         self.settings = settings
         self.key = f"shielded_spell_{id(self)}"
         self.last_report: SpellReport | None = None
+        self._resized: dict = {}   # shield set resized per latent shape (hires passes), kept across runs
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options: keep one patch (settings, shields, report) shared.
@@ -158,21 +200,22 @@ class SpellPatch:
 
     def apply(self, model_patcher):
         m = model_patcher.clone()
-        m.set_model_sampler_post_cfg_function(self.post_cfg)
         m.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
+        m.add_wrapper_with_key(PREDICT_NOISE, self.key, self.predict_noise_wrapper)
         return m
 
     # -- per run -------------------------------------------------------------------------------------
-    def start_run(self, guider, sigmas: torch.Tensor, noise: torch.Tensor) -> RunState:
+    def start_run(self, guider, sigmas: torch.Tensor, noise: torch.Tensor, latent_image=None,
+                  denoise_mask=None) -> RunState:
         s = self.settings
         item_shape = tuple(noise.shape[1:])
-        check_shapes(s, item_shape)
+        shields = shields_for_shape(s, item_shape, self._resized)
         latent_format = guider.model_patcher.model.latent_format
         model_sampling = guider.model_patcher.model.model_sampling
         sources, shield_count, history_count = [], 0, 0
-        if s.shield_set is not None and len(s.shield_set) > 0:
-            sources.append(s.shield_set.source)
-            shield_count = len(s.shield_set)
+        if shields is not None:
+            sources.append(shields)
+            shield_count = len(shields)
         if s.history:
             hist = spell_history.source(s.history_name, item_shape)
             if hist is not None:
@@ -190,14 +233,45 @@ class SpellPatch:
                              history_count=history_count, intra_batch=s.intra_batch, exact=s.exact,
                              shield_set_name=getattr(s.shield_set, "name", "") or "")
         self.last_report = report
-        return RunState(settings=s, source=source, shield_count=shield_count, history_count=history_count,
-                        sigmas=sig, sigma_start=float(model_sampling.percent_to_sigma(s.start_percent)),
-                        sigma_end=float(model_sampling.percent_to_sigma(s.end_percent)), report=report,
-                        elements=elements, radius=radius)
+        run = RunState(settings=s, source=source, shield_count=shield_count, history_count=history_count,
+                       sigmas=sig, sigma_start=float(model_sampling.percent_to_sigma(s.start_percent)),
+                       sigma_end=float(model_sampling.percent_to_sigma(s.end_percent)), report=report,
+                       elements=elements, radius=radius, guider=guider, sigma_tensor=sigmas)
+        if shields is not None and tuple(shields.item_shape) != tuple(s.shield_set.item_shape):
+            run.resized_from = tuple(s.shield_set.item_shape)
+        self.attach_inputs(run, latent_image, denoise_mask, noise)
+        return run
+
+    def attach_inputs(self, run: RunState, latent_image, denoise_mask, noise: torch.Tensor):
+        """Record the inpainting mask and handle an init image that itself lies in a shield."""
+        has_init = latent_image is not None and latent_image.shape == noise.shape and bool(latent_image.abs().amax() > 0)
+        if denoise_mask is not None:
+            run.mask = denoise_mask.to(noise.device, torch.float32).expand(noise.shape)
+            run.kept = latent_image.to(noise.device) if latent_image is not None else torch.zeros_like(noise)
+            movable = (run.mask > MOVABLE_MASK).flatten(1).float().mean(1)
+            run.report.movable_fraction = [float(v) for v in movable.tolist()]
+        if not has_init or run.source is None:
+            return
+        inside = run.source.within(latent_image.float(), run.radius)
+        run.init_inside = int(inside.shape[0])
+        run.report.init_inside = run.init_inside
+        if run.init_inside == 0:
+            return
+        if run.settings.init_image_shield == INIT_EXCLUDE:
+            run.source = ExcludedShields(run.source, inside)
+            run.init_excluded = True
+            run.report.init_excluded = True
+            LOG.info("%s: the input latent lies inside %d shield(s); 'exclude it' leaves them out of this run, "
+                     "so the output may stay close to the input image", run.settings.node, run.init_inside)
+        else:
+            LOG.info("%s: the input latent lies inside %d shield(s); SPELL will move the output at least the "
+                     "radius away from them (set init_image_shield to 'exclude it' to edit a protected image "
+                     "freely)", run.settings.node, run.init_inside)
 
     def sampler_wrapper(self, executor, guider, sigmas, extra_args, *args, **kwargs):
-        noise = args[1] if len(args) > 1 else kwargs["noise"]
-        run = self.start_run(guider, sigmas, noise)
+        names = ("callback", "noise", "latent_image", "denoise_mask")
+        given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        run = self.start_run(guider, sigmas, given["noise"], given.get("latent_image"), given.get("denoise_mask"))
         extra_args["model_options"].setdefault("transformer_options", {})[self.key] = run
         samples = executor(guider, sigmas, extra_args, *args, **kwargs)
         if len(run.sigmas) and run.sigmas[-1] == 0.0:
@@ -206,17 +280,22 @@ class SpellPatch:
 
     def finish_run(self, run: RunState, guider, samples: torch.Tensor) -> torch.Tensor:
         """t = 0 step of the chain on the final latents, output records, history update, log line."""
+        before = samples
         if run.settings.end_percent >= 1.0:
-            samples = self.correct(run, samples, samples, 0.0)
+            samples = self.correct(run, samples, samples, 0.0, final=True)
         latent_format = guider.model_patcher.model.latent_format
-        self.record_outputs(run, samples)
+        self.record_outputs(run, samples, before)
         if run.settings.history:
             out = latent_format.process_out(samples.detach().float().cpu())
             spell_history.add(run.settings.history_name, out, run.settings.history_cap)
         LOG.info("%s: %s", run.settings.node, run.report.summary())
         return samples
 
-    def record_outputs(self, run: RunState, samples: torch.Tensor):
+    def record_outputs(self, run: RunState, samples: torch.Tensor, before: torch.Tensor | None = None):
+        """Per output: nearest shield, whether it was repelled, and the final (t = 0) jump relative to its norm."""
+        before = samples if before is None else before
+        jump = ((samples.float() - before.float()).flatten(1).norm(dim=1)
+                / before.float().flatten(1).norm(dim=1).clamp_min(1e-12)).cpu().tolist()
         repelled = run.repelled if run.repelled is not None else torch.zeros(samples.shape[0], dtype=torch.bool)
         if run.source is not None:
             dist, idx = run.source.nearest(samples.float())
@@ -224,8 +303,8 @@ class SpellPatch:
         else:
             dist, idx = [math.inf] * samples.shape[0], [-1] * samples.shape[0]
         run.report.outputs = [
-            OutputRecord(index=i, nearest_shield=idx[i] if idx[i] < run.shield_count else -1,
-                         distance=float(dist[i]), repelled=bool(repelled[i]))
+            OutputRecord(index=i, nearest_shield=idx[i] if 0 <= idx[i] < run.shield_count else -1,
+                         distance=float(dist[i]), repelled=bool(repelled[i]), final_jump=float(jump[i]))
             for i in range(samples.shape[0])]
 
     # -- per model evaluation --------------------------------------------------------------------------
@@ -236,15 +315,20 @@ class SpellPatch:
                                f"use KSampler, KSamplerAdvanced or SamplerCustom(Advanced)")
         return run
 
-    def post_cfg(self, args: dict) -> torch.Tensor:
-        denoised = args["denoised"]
-        run = self.run_state(args["model_options"])
-        sigma = float(args["sigma"].flatten()[0])
+    def predict_noise_wrapper(self, executor, x, timestep, model_options={}, seed=None, **kwargs):
+        """Correct the guider's final prediction (after post-CFG functions and guider post-processing)."""
+        denoised = executor(x, timestep, model_options, seed, **kwargs)
+        run = self.run_state(model_options)
+        sigma = float(timestep.flatten()[0])
         if not run.in_window(sigma):
             return denoised
-        return self.correct(run, denoised, args["input"], sigma)
+        if run.mask is not None:
+            run.last_mask = effective_mask(model_options, run.mask, timestep, run.guider, run.sigma_tensor)
+        return self.correct(run, denoised, x, sigma)
 
-    def correct(self, run: RunState, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float) -> torch.Tensor:
+    def correct(self, run: RunState, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float,
+                final: bool = False) -> torch.Tensor:
+        """SPELL on ``x0_hat``; with an inpainting mask on what the sampler keeps of it (see module doc)."""
         s = run.settings
         intra = s.intra_batch and x0_hat.shape[0] > 1
         if s.intra_batch and x0_hat.shape[0] == 1 and not run.warned_single:
@@ -254,10 +338,30 @@ class SpellPatch:
         if run.source is None and not intra:
             self.record_step(run, sigma, x0_hat, x_t, None)
             return x0_hat
-        result = spell.sparse_repellency(x0_hat, run.radius, shields=run.source, intra_batch=intra,
-                                         overcompensation=s.overcompensation, exact=s.exact)
-        self.record_step(run, sigma, x0_hat, x_t, result)
-        return result.denoised
+        mask = None if run.mask is None else (run.last_mask if run.last_mask is not None else run.mask)
+        if mask is None:
+            result = spell.sparse_repellency(x0_hat, run.radius, shields=run.source, intra_batch=intra,
+                                             overcompensation=s.overcompensation, exact=s.exact)
+            self.record_step(run, sigma, x0_hat, x_t, result)
+            return result.denoised
+        mask = mask.to(x0_hat.device, x0_hat.dtype)
+        movable = mask > MOVABLE_MASK
+        # At t = 0 the samples are already what the sampler kept; in the loop the host blends after us.
+        blended = x0_hat if final else spell.inpaint_blend(x0_hat, mask, run.kept.to(x0_hat.dtype))
+        result = spell.sparse_repellency(blended, run.radius, shields=run.source, intra_batch=intra,
+                                         overcompensation=s.overcompensation, exact=s.exact, movable=movable)
+        self.record_step(run, sigma, blended, x_t, result)
+        self.warn_unmovable(run, result, movable)
+        if final:
+            return result.denoised
+        return spell.unblended_prediction(x0_hat, result.delta, mask, movable)
+
+    def warn_unmovable(self, run: RunState, result, movable: torch.Tensor):
+        stuck = result.inside & ~movable.flatten(1).any(1).to(result.inside.device)
+        if stuck.any() and not run.warned_unmovable:
+            LOG.warning("%s: %d output(s) lie inside a shield but their inpainting mask is empty, so nothing "
+                        "can move them; widen the mask", run.settings.node, int(stuck.sum()))
+            run.warned_unmovable = True
 
     def record_step(self, run: RunState, sigma: float, x0_hat, x_t, result):
         b = x0_hat.shape[0]

@@ -9,7 +9,7 @@ import nodes as comfy_nodes
 from . import spell_history
 from .shield_set import SHIELD_SET, ShieldSet
 from ..guidance.report import INSIDE_RTOL
-from .spell_hook import SpellPatch, SpellSettings
+from .spell_hook import INIT_CHOICES, INIT_LEAVE, SpellPatch, SpellSettings
 
 LOG = logging.getLogger("shielded_sampling")
 CATEGORY = "sampling/shielded"
@@ -52,6 +52,11 @@ def spell_inputs() -> dict:
         "exact": ("BOOLEAN", {"default": False,
                               "tooltip": "Repeat the correction (bounded rounds) until the prediction is outside "
                                          "every shield, even where shields overlap and eq. 5 cancels."}),
+        "init_image_shield": (list(INIT_CHOICES), {"default": INIT_LEAVE, "tooltip":
+                              "img2img / inpaint from an image that is itself inside a shield (editing a protected "
+                              "image): 'leave it' moves the output at least the radius away from that shield too; "
+                              "'exclude it' leaves out the shields the input latent lies in, for this run only, so "
+                              "the edit may stay close to the protected image. Other shields always apply."}),
     }
 
 
@@ -61,12 +66,12 @@ def optional_shield_input() -> dict:
 
 
 def make_patch(node: str, radius, overcompensation, intra_batch, history, history_name, history_size,
-               start_percent, end_percent, exact, shield_set=None) -> SpellPatch:
+               start_percent, end_percent, exact, shield_set=None, init_image_shield=INIT_LEAVE) -> SpellPatch:
     settings = SpellSettings(node=node, radius_rms=float(radius), overcompensation=float(overcompensation),
                              intra_batch=bool(intra_batch), history=bool(history),
                              history_name=str(history_name).strip(), history_cap=int(history_size),
                              start_percent=float(start_percent), end_percent=float(end_percent),
-                             exact=bool(exact), shield_set=shield_set)
+                             exact=bool(exact), shield_set=shield_set, init_image_shield=str(init_image_shield))
     return SpellPatch(settings)
 
 
@@ -94,8 +99,9 @@ def history_fingerprint(history=False, history_name="default", **_) -> str:
 
 
 class ApplySpell:
-    DESCRIPTION = ("Installs SPELL sparse repellency on a model (post-CFG): works with KSampler, "
-                   "KSamplerAdvanced and SamplerCustom(Advanced).")
+    DESCRIPTION = ("Installs SPELL sparse repellency on a model (on the guider's final prediction): works with "
+                   "KSampler, KSamplerAdvanced and SamplerCustom(Advanced) with any guider, inpainting masks, "
+                   "img2img and hires-fix passes at another resolution.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"

@@ -156,6 +156,9 @@ def randomise(module, seed: int, output_layer: str):
                 param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
             if name.startswith(output_layer) and name.endswith("weight"):
                 param.mul_(0.05)
+        for name, buf in module.named_buffers():
+            if name.endswith("pos_embed") and buf.is_floating_point():  # MMDiT: a torch.empty buffer
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.02)
 
 
 FAMILIES: dict[str, Family] = {
