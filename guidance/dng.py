@@ -61,6 +61,15 @@ is the Gaussian posterior ``q(x_{t-1} | x_t, x0 = D)``.  Rewritten in VE coordin
 * Models whose sampler state is a scaled VE state (flow/"CONST" models: ``x = (1 - s) x0 + s n``) pass the
   signal scale ``alpha`` (``x = alpha * (x0 + sigma_ve n)``); the tracker works with ``x / alpha`` and
   ``sigma / alpha``.
+* The flow endpoint ``s = 1`` (SD3, Flux, WAN start there) has ``alpha = 0``: ``sigma_ve = inf`` and ``x / alpha``
+  is undefined, but the transition out of it is not.  In the paper's DDPM terms it is zero terminal SNR,
+  ``abar_T = 0``, so ``beta_T = 1``: Eq. (2)'s eps form divides by ``sqrt(1 - beta_T) = 0``, while the posterior
+  ``q(x_{T-1} | x_T, x0)`` has mean ``sqrt(abar_{T-1}) x0 + 0 * x_T`` and variance ``1 - abar_{T-1}``: the state
+  at pure noise carries no information, and the transition is the forward marginal ``q(x_{T-1} | x0)``.  In VE
+  units this is the ``sigma -> inf`` limit of the two formulas above, written so that it is exact there:
+  ``mu_c = D_c`` (``sigma'^2 / sigma^2 = 0``) and ``s^2 = sigma'^2 (1 - sigma'^2 / sigma^2) = sigma'^2``.  The
+  tracker stores ``sigma_ve = inf`` (and a state that is multiplied by that zero), so the first transition's
+  evidence ``-tau (||x' - D_neg||^2 - ||x' - D_base||^2) / (2 sigma'^2)`` is counted like every other one.
 * A call whose sigma is not below the previous one (second stage of heun/dpmpp_sde at a repeated sigma, a
   restart) updates nothing and only becomes the new reference; multi-stage samplers thus treat every model
   call as one transition.
@@ -111,16 +120,30 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
 
 
 def ddpm_step_mean(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """Mean of ``q(x' | x, x0 = D)`` in VE units: ``D + (sigma'^2 / sigma^2) (x - D)`` (DDPM posterior mean)."""
+    """Mean of ``q(x' | x, x0 = D)`` in VE units: ``D + (sigma'^2 / sigma^2) (x - D)`` (DDPM posterior mean);
+    exactly ``D`` from ``sigma = inf`` (the flow endpoint, whatever ``x`` holds there)."""
     r2 = (_per_sample(sigma_next, x) / _per_sample(sigma, x)) ** 2
-    return denoised.double() + r2 * (x.double() - denoised.double())
+    d = denoised.double()
+    return torch.where(r2 > 0, d + r2 * (x.double() - d), d)
 
 
 def ddpm_step_variance(sigma, sigma_next) -> torch.Tensor:
-    """Variance of ``q(x' | x, x0)`` in VE units: ``sigma'^2 (sigma^2 - sigma'^2) / sigma^2`` (= beta_tilde / abar')."""
+    """Variance of ``q(x' | x, x0)`` in VE units: ``sigma'^2 (1 - sigma'^2 / sigma^2)`` (= beta_tilde / abar');
+    ``sigma'^2`` from ``sigma = inf``."""
     s = torch.as_tensor(sigma, dtype=torch.float64)
     sn = torch.as_tensor(sigma_next, dtype=torch.float64)
-    return sn ** 2 * (s ** 2 - sn ** 2) / s ** 2
+    return sn ** 2 * (1.0 - (sn / s) ** 2)
+
+
+def ve_state(x: torch.Tensor, sigma, alpha):
+    """``(x / alpha, sigma / alpha)`` per sample for ``x = alpha (x0 + sigma_ve n)``; at ``alpha = 0`` (the flow
+    endpoint) ``(0, inf)``: the transition out of it does not depend on the state (``ddpm_step_mean``)."""
+    a = _per_sample(alpha, x)
+    x_ve = torch.where(a > 0, x.double() / torch.where(a > 0, a, torch.ones_like(a)), torch.zeros_like(a))
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+    a = a.reshape(-1)
+    sigma_ve = torch.where(a > 0, s / torch.where(a > 0, a, torch.ones_like(a)), torch.full_like(s, math.inf))
+    return x_ve, sigma_ve
 
 
 def log_posterior_increment(x_next, mu_neg, mu_base, variance, tau: float, delta: float, sigma_next) -> torch.Tensor:
@@ -192,9 +215,7 @@ class PosteriorTracker:
         """Fold the transition that led to ``x`` into the posterior, remember this call; returns ``p`` for this step."""
         if self.log_p.device != x.device:
             self.log_p = self.log_p.to(x.device)
-        a = _per_sample(alpha, x)
-        x_ve = x.double() / a
-        sigma_ve = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0]) / a.reshape(-1)
+        x_ve, sigma_ve = ve_state(x, sigma, alpha)
         if self._prev is not None:
             self._update(x_ve, sigma_ve)
         self._prev = (x_ve, sigma_ve.clone(), denoised_base.double(), denoised_neg.double())

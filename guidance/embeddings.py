@@ -5,7 +5,9 @@ dimension); the repulsion thesis (Imperial College, "Repulsion in Stable Diffusi
 in small embeddings of the predicted image instead, with the gradient flowing back through the embedding.
 
 Every embedding maps ``x [B, C, H, W]`` (or any ``[B, ...]`` for ``latent``) to ``e [B, d_e]`` and is
-differentiable (plain torch ops). Linear ones (``latent``, ``pooled``, ``colour``) also give
+differentiable (plain torch ops). Video latents ``[B, C, T, H, W]`` (WAN, Hunyuan, LTXV) are one item per
+video: every frame is embedded on its own and the frames' embeddings are concatenated (``d_e`` grows by ``T``),
+so two videos are alike when they are alike frame by frame. Linear ones (``latent``, ``pooled``, ``colour``) also give
 ``gram_diag(x) = diag(P P^T)`` of their matrix ``P``, which EDDY needs for an exact divergence.
 
 - ``latent``:  the flattened tensor itself (``P = I``).
@@ -26,8 +28,15 @@ EDGE_EPS = 1e-6
 
 
 def _check_image(x: torch.Tensor, space: str):
-    if x.dim() != 4:
-        raise ValueError(f"the '{space}' embedding needs images [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"the '{space}' embedding needs images [B, C, H, W] or videos [B, C, T, H, W], got shape "
+                         f"{tuple(x.shape)}")
+
+
+def frames_as_channels(x: torch.Tensor, space: str) -> torch.Tensor:
+    """``[B, C, H, W]`` as it is; a video ``[B, C, T, H, W]`` as ``[B, C T, H, W]`` (each frame its own channels)."""
+    _check_image(x, space)
+    return x if x.dim() == 4 else x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
 
 
 def _region_sizes(size: int, n: int) -> torch.Tensor:
@@ -61,14 +70,13 @@ class PooledEmbedding:
         self.n, self.name = int(n), name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image(x, self.name)
-        return F.adaptive_avg_pool2d(x, self.n).reshape(x.shape[0], -1)
+        return F.adaptive_avg_pool2d(frames_as_channels(x, self.name), self.n).reshape(x.shape[0], -1)
 
     def gram_diag(self, x: torch.Tensor) -> torch.Tensor:
         """``(P P^T)_cc = 1 / |window c|`` for average pooling (windows may overlap; the diagonal is still this)."""
-        _check_image(x, self.name)
-        area = _region_sizes(x.shape[2], self.n)[:, None] * _region_sizes(x.shape[3], self.n)[None, :]
-        return (1.0 / area).reshape(-1).repeat(x.shape[1]).to(x.dtype).to(x.device)
+        planes = frames_as_channels(x, self.name).shape[1]
+        area = _region_sizes(x.shape[-2], self.n)[:, None] * _region_sizes(x.shape[-1], self.n)[None, :]
+        return (1.0 / area).reshape(-1).repeat(planes).to(x.dtype).to(x.device)
 
 
 class EdgeEmbedding:
@@ -83,7 +91,7 @@ class EdgeEmbedding:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x, "edges")
-        g = x.mean(1, keepdim=True)
+        g = x.mean(1).reshape(-1, 1, x.shape[-2], x.shape[-1])      # channel mean of every frame, [B T, 1, H, W]
         kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device) / 8
         kernels = torch.stack([kx, kx.t()])[:, None]
         grad = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), kernels)

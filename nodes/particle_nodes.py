@@ -160,6 +160,7 @@ class ParticlePatch:
         args = list(args)
         extra_args = args[2] if len(args) > 2 else kwargs.get("extra_args", {})
         seed = extra_args.get("seed")
+        self.check_latent(args[4] if len(args) > 4 else kwargs["noise"])
         if len(args) > 4:
             noise = args[4] = self.start_noise(args[4], seed)
         else:
@@ -179,6 +180,17 @@ class ParticlePatch:
             LOG.info("%s: EDDY correlated %d of the sampler's %d noise draws (the others were outside the "
                      "window)", NODE, run.correlated, run.draws)
 
+    def check_latent(self, noise: torch.Tensor):
+        """Refuse, before the first step, a latent the chosen space cannot embed (only 'latent' takes any rank)."""
+        s = self.settings
+        if noise.shape[0] < 2 or s.strength == 0 or SPACES[s.space] == "latent" or noise.dim() in (4, 5):
+            return
+        if s.mode == EDDY and s.grid() > 0:
+            return      # a spread design embeds nothing; start_coupling's own check names that input
+        raise ValueError(f"{NODE}: input 'space' is {s.space!r}, which needs image or video latents ([N, C, H, W] "
+                         f"or [N, C, T, H, W]), but this model samples latents of shape {tuple(noise.shape)}; set "
+                         f"space to 'latent' for this model")
+
     def start_noise_run(self, sampler, noise, seed):
         """EDDY's per-run noise state, or None (other modes, batch 1, strength 0, or a sampler without one)."""
         s = self.settings
@@ -195,8 +207,14 @@ class ParticlePatch:
 
     def start_noise(self, noise: torch.Tensor, seed) -> torch.Tensor:
         """The starting noise: EDDY's (design blended by strength, or kernel-free correlation), the start
-        coupling design alone (other modes), or unchanged."""
+        coupling design alone (other modes), or unchanged. A zero noise (noise disabled: KSamplerAdvanced
+        add_noise 'disable', a two-pass workflow's second stage, DisableNoise) stays zero."""
         s = self.settings
+        if not bool(noise.any()):
+            if noise.shape[0] > 1 and (s.grid() or (s.mode == EDDY and s.strength != 0)):
+                LOG.info("%s: the sampler's starting noise is zero (noise disabled, e.g. a second sampling stage): "
+                         "left at zero, nothing to couple", NODE)
+            return noise
         if s.mode == EDDY:
             if noise.shape[0] < 2 or s.strength == 0:
                 return noise
@@ -243,8 +261,7 @@ class ParticlePatch:
     def apply(self, model):
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self)
-        if self.settings.grid() or self.settings.mode == EDDY:
-            patched.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
+        patched.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
         return patched
 
 

@@ -171,3 +171,61 @@ def test_trace_records_and_summarises():
     assert "2 steps x 2 samples" in trace.summary() and "peak scale 4" in trace.summary()
     trace.start_run()
     assert trace.sigmas == [] and trace.runs == 2
+
+
+def flow_transition_reference(x0, t, s):
+    """``q(x_s | x_t, x0)`` of a flow model (``x_u = (1 - u) x0 + u n``, Markov forward process) by Gaussian
+    conditioning in raw coordinates, never dividing by the signal scale: ``(mean, variance)``."""
+    a_t, a_s = 1 - t, 1 - s
+    cov = (a_t / a_s) * s ** 2                     # Cov(x_s, x_t) per element; 0 at the endpoint t = 1
+    return lambda x_t: (a_s * x0 + cov / t ** 2 * (x_t - a_t * x0), s ** 2 - cov ** 2 / t ** 2)
+
+
+def test_flow_endpoint_transition_matches_gaussian_reference():
+    """Issue 12 item 7: a flow schedule starts at sigma = 1 (alpha = 0). Every transition, the first included,
+    must add the Bayes log-ratio of the two Gaussian transitions computed in raw flow coordinates (tau = 1) plus
+    the offset over the VP variance; before the fix the first one was NaN, masked to 0."""
+    gen = torch.Generator().manual_seed(12)
+    ts = [1.0, 0.85, 0.6, 0.3, 0.1]
+    tau, delta = 1.0, 0.01
+    params = DngParams(lam0=1.0, prior=0.01, tau=tau, delta=delta, p_min=1e-300, p_max=1 - 1e-12)
+    tracker = PosteriorTracker(params, batch=3)
+    expected = torch.full((3,), math.log(0.01), dtype=torch.float64)
+    prev = None
+    for t in ts:
+        x = torch.randn(3, 4, 2, 2, generator=gen, dtype=torch.float64)
+        d_b = 0.2 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        d_n = d_b + 0.002 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        if prev is not None:
+            x_t, t_prev, pb, pn = prev
+            mean_n, var = flow_transition_reference(pn, t_prev, t)(x_t)
+            mean_b, _ = flow_transition_reference(pb, t_prev, t)(x_t)
+            log_ratio = (-((x - mean_n) ** 2).flatten(1).sum(1) + ((x - mean_b) ** 2).flatten(1).sum(1)) / (2 * var)
+            var_vp = var / ((1 - t) ** 2 + t ** 2)       # the VP transition variance (unit total variance)
+            expected = expected + tau * log_ratio + delta / (2 * var_vp)
+        tracker.observe(x, torch.tensor([t], dtype=torch.float64), d_b, d_n, alpha=1 - t)
+        assert torch.isfinite(tracker.log_p).all()
+        assert bool((expected < math.log(params.p_max)).all()), (t, expected)  # no clamp hides a difference
+        torch.testing.assert_close(tracker.log_p, expected, rtol=1e-10, atol=1e-10)
+        prev = (x, t, d_b, d_n)
+    assert float((tracker.log_p - math.log(0.01)).abs().min()) > 0
+
+
+def test_flow_endpoint_is_the_limit_of_the_general_formula():
+    """The transition out of sigma = 1 equals the limit of transitions out of sigma -> 1 (continuity)."""
+    gen = torch.Generator().manual_seed(7)
+    x, x_next = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    d_b = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    d_n = d_b + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def increment(t):
+        tr = PosteriorTracker(DngParams(prior=0.5, tau=1.0, delta=0.0, p_min=1e-300, p_max=1 - 1e-12), 2)
+        tr.observe(x, t, d_b, d_n, alpha=1 - t)
+        tr.observe(x_next, 0.7, d_b, d_n, alpha=0.3)
+        return tr.log_p - math.log(0.5)
+
+    at_endpoint = increment(1.0)
+    assert torch.isfinite(at_endpoint).all() and bool((at_endpoint != 0).all())
+    torch.testing.assert_close(increment(1.0 - 1e-9), at_endpoint, rtol=1e-6, atol=1e-8)
+    assert float(ddpm_step_variance(math.inf, 2.0)) == 4.0
+    torch.testing.assert_close(ddpm_step_mean(torch.full_like(x, math.inf), d_n, math.inf, 2.0), d_n)

@@ -171,3 +171,20 @@ def test_coinciding_particles_get_zero_not_nan():
     for space in ("latent", "pooled", "edges"):
         v = eddy_drift(x, torch.randn(3, 2, 4, 4), make_embedding(space, 2))
         assert torch.count_nonzero(v) == 0, space
+
+
+@pytest.mark.parametrize("space", ["latent", "pooled"])
+def test_drift_on_video_matches_brute_force_matrices(space):
+    """Video latents [N, C, T, H, W] (issue 12 item 6): the exact divergence holds with frames in the item."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1, 2, 2, 3, generator=gen, dtype=torch.float64)
+    s = torch.randn(3, 1, 2, 2, 3, generator=gen, dtype=torch.float64)
+    emb = make_embedding(space, 2)
+    torch.testing.assert_close(eddy_drift(x, s, emb), _brute_force_eddy(x, s, emb), rtol=1e-8, atol=1e-10)
+
+
+def test_hutchinson_drift_on_video_is_finite_and_frame_aware():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 3, 6, 6, generator=gen)
+    v = eddy_drift(x, -x, make_embedding("edges", 2), generator=gen)
+    assert v.shape == x.shape and torch.isfinite(v).all() and bool(v[:, :, 2].abs().sum() > 0)

@@ -156,3 +156,44 @@ def test_coinciding_particles_get_zero_not_nan(space):
     x = torch.randn(1, 4, 8, 8).repeat(3, 1, 1, 1)
     out = particle_guidance(x, 1.0, make_embedding(space, 4)).delta
     assert torch.count_nonzero(out) == 0
+
+
+# -- video latents [B, C, T, H, W] (issue 12 item 6) -----------------------------------------------------------
+
+@pytest.mark.parametrize("space", ["pooled", "colour", "edges"])
+def test_video_embedding_is_the_frames_embeddings_side_by_side(space):
+    video = torch.randn(3, 4, 5, 6, 7, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    emb = make_embedding(space, 3)
+    per_frame = torch.stack([emb(video[:, :, t]).reshape(3, -1) for t in range(5)], 1)   # [B, T, d_frame]
+    if space == "edges":                        # edges of a video: one map per frame, frame-major
+        expected = per_frame.reshape(3, -1)
+    else:                                       # pooled/colour: frames folded into channels, channel-major
+        expected = per_frame.reshape(3, 5, 4, -1).transpose(1, 2).reshape(3, -1)
+    torch.testing.assert_close(emb(video), expected)
+    still = video[:, :, :1]
+    torch.testing.assert_close(emb(still), emb(video[:, :, 0]))
+
+
+@pytest.mark.parametrize("space", ["pooled", "colour"])
+def test_video_gram_diagonal_is_exact(space):
+    """``gram_diag`` of a linear video embedding equals diag(P P^T) of its Jacobian (uneven 5x7 windows)."""
+    video = torch.zeros(1, 2, 3, 5, 7, dtype=torch.float64)
+    emb = make_embedding(space, 3)
+    p = torch.autograd.functional.jacobian(lambda y: emb(y[None])[0], video[0]).reshape(-1, video[0].numel())
+    torch.testing.assert_close(emb.gram_diag(video), (p @ p.t()).diagonal())
+
+
+@pytest.mark.parametrize("space", ["latent", "pooled", "colour", "edges"])
+def test_particle_guidance_on_a_one_frame_video_equals_the_image(space):
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    emb = make_embedding(space, 4)
+    image = particle_guidance(x, 0.5, emb, sigma=2.0).delta
+    video = particle_guidance(x[:, :, None], 0.5, emb, sigma=2.0).delta
+    torch.testing.assert_close(video[:, :, 0], image, rtol=1e-5, atol=1e-6)
+    moving = particle_guidance(torch.randn(4, 4, 3, 8, 8), 0.5, emb, sigma=2.0).delta
+    assert moving.shape == (4, 4, 3, 8, 8) and torch.isfinite(moving).all() and bool(moving.abs().sum() > 0)
+
+
+def test_embeddings_refuse_other_ranks_with_the_shape():
+    with pytest.raises(ValueError, match=r"images \[B, C, H, W\] or videos \[B, C, T, H, W\], got shape \(2, 4, 9\)"):
+        make_embedding("pooled", 2)(torch.zeros(2, 4, 9))
