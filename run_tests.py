@@ -7,6 +7,7 @@ checkout and are reported as skipped otherwise (run them with ComfyUI's own Pyth
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ import sys
 import venv
 from pathlib import Path
 
+from demo.run import ensure_torch, venv_python   # one torch installer for both commands
+
 ROOT = Path(__file__).resolve().parent
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+LOG = logging.getLogger("shielded_sampling.tests")
 
 
 def run(*cmd, **kw) -> int:
@@ -24,22 +27,11 @@ def run(*cmd, **kw) -> int:
 
 def main(args: list[str]) -> int:
     folder = ROOT / os.environ.get("SHIELDED_TEST_VENV", ".venv")
-    python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    python = venv_python(folder)
     if not python.exists():
         venv.create(folder, with_pip=True)
+    ensure_torch(python)
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    has_torch = run(python, "-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')",
-                    stderr=subprocess.DEVNULL) == 0
-    if not has_torch:
-        # A local CPU wheel (pip's find-links) if there is one, its small deps from the index; else the CPU index.
-        if run(*pip, "--no-index", "--no-deps", "torch==2.13.0", stdout=subprocess.DEVNULL,
-               stderr=subprocess.DEVNULL) == 0:
-            failed = run(*pip, "torch==2.13.0")
-        else:
-            index = os.environ.get("SHIELDED_TORCH_INDEX", CPU_INDEX)
-            failed = run(*pip, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple")
-        if failed:
-            return 1
     if run(*pip, "-r", "requirements.txt", "-r", "tests/requirements.txt"):
         return 1
     npm = shutil.which("npm")
@@ -49,9 +41,10 @@ def main(args: list[str]) -> int:
             if run(npm, *cmd):
                 return 1
     else:
-        print("npm not found: front-end lint and unit tests skipped")
+        LOG.info("npm not found: front-end lint and unit tests skipped")
     return run(python, "-m", "pytest", "tests", *args)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     raise SystemExit(main(sys.argv[1:]))

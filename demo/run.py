@@ -7,6 +7,7 @@ inside it. Options are passed on (``python demo/run.py --help``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-demo"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+LOG = logging.getLogger("shielded_sampling.demo")
 BANNER = ("[demo] running (~1 min of CPU time, installs included; measured 3 min 18 s wall clock for the whole command "
           "in a fresh clone on 2 cores shared with ~16 busy processes: README 'Demo')")
 
@@ -30,9 +32,10 @@ def pip(python: Path, *args: str) -> int:
 
 def ensure_torch(python: Path):
     """torch 2.13.0 CPU: a local wheel if pip's find-links has one (its deps from the index), else the CPU index."""
-    if subprocess.call([str(python), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0:
+    check = "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"
+    if subprocess.call([str(python), "-c", check], stderr=subprocess.DEVNULL) == 0:
         return
-    print("[demo] installing torch 2.13.0 (CPU)", flush=True)
+    LOG.info("[demo] installing torch 2.13.0 (CPU)")
     local = subprocess.call([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                              "--no-index", "--no-deps", "torch==2.13.0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
@@ -42,22 +45,23 @@ def ensure_torch(python: Path):
         index = os.environ.get("SHIELDED_TORCH_INDEX", CPU_INDEX)
         failed = pip(python, "torch==2.13.0", "--index-url", index, "--extra-index-url", "https://pypi.org/simple")
     if failed:
-        raise SystemExit("demo: could not install torch==2.13.0 (set SHIELDED_TORCH_INDEX to a reachable index)")
+        raise SystemExit("could not install torch==2.13.0 (set SHIELDED_TORCH_INDEX to a reachable index)")
 
 
 def main(argv: list[str]) -> int:
     python = venv_python(VENV)
     if not python.exists():
-        print(f"[demo] creating {VENV.name}", flush=True)
+        LOG.info("[demo] creating %s", VENV.name)
         venv.create(VENV, with_pip=True)
     ensure_torch(python)
-    print("[demo] installing numpy, pillow, onnxruntime, adaptive-terrain-diffusion 0.4.2", flush=True)
+    LOG.info("[demo] installing numpy, pillow, onnxruntime, adaptive-terrain-diffusion 0.4.2")
     if pip(python, "numpy", "pillow", "onnxruntime") or pip(python, "--no-deps", "adaptive-terrain-diffusion==0.4.2"):
         raise SystemExit("demo: installing the demo's packages failed")
     if "-h" not in argv and "--help" not in argv:
-        print(BANNER, flush=True)
+        LOG.info("%s", BANNER)
     return subprocess.call([str(python), "-m", "demo", *argv], cwd=ROOT)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     raise SystemExit(main(sys.argv[1:]))

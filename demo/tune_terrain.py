@@ -17,6 +17,7 @@ least grain. Run: ``.venv-demo/bin/python -m demo.tune_terrain`` (a few minutes 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser
 from guidance.metrics import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
+
+LOG = logging.getLogger("shielded_sampling.demo")
 
 ELEMENTS = 128 * 128
 # (radius factor, overcompensation, lowest active sigma). The schedule's sigmas are 80, 64, 51, 41, 33, 26: 26 =
@@ -88,25 +91,26 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     model = TerrainDenoiser(difficulty=args.difficulty)
     rows = []
-    print("| radius factor | overcomp. | active down to sigma | evals corrected | samples corrected | grain | "
-          "close pairs (without -> with) | min d (per element) |\n|---|---|---|---|---|---|---|---|", flush=True)
+    LOG.info("| radius factor | overcomp. | active down to sigma | evals corrected | samples corrected | grain | "
+             "close pairs (without -> with) | min d (per element) |\n|---|---|---|---|---|---|---|---|")
     bases = {s: baseline(model, s, args.batch, args.shields) for s in args.seeds}
     candidates = [tuple(float(v) for v in c.split(",")) for c in args.candidates] if args.candidates else CANDIDATES
     for factor, lam, sigma_end in candidates:
         ms = [measure(model, s, args.batch, bases[s], factor, lam, sigma_end) for s in args.seeds]
         avg = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
         rows.append(((factor, lam, sigma_end), avg))
-        print(f"| {factor} | {lam} | {sigma_end:g} | {100 * avg['evals']:.0f}% | {100 * avg['samples']:.0f}% | "
-              f"{avg['grain']:.3f} | {avg['close0']:.1f} -> {avg['close1']:.1f} | {avg['dmin']:.4f} |", flush=True)
+        LOG.info(f"| {factor} | {lam} | {sigma_end:g} | {100 * avg['evals']:.0f}% | {100 * avg['samples']:.0f}% | "
+                 f"{avg['grain']:.3f} | {avg['close0']:.1f} -> {avg['close1']:.1f} | {avg['dmin']:.4f} |")
     ok = [r for r in rows if r[1]["evals"] <= 0.35]
     if ok:
         best = min(ok, key=lambda r: (r[1]["close1"], r[1]["grain"]))
-        print(f"\nchosen: radius factor {best[0][0]}, overcompensation {best[0][1]}, active down to sigma "
-              f"{best[0][2]:g}")
+        LOG.info(f"\nchosen: radius factor {best[0][0]}, overcompensation {best[0][1]}, active down to sigma "
+                 f"{best[0][2]:g}")
     else:
-        print("\nno setting corrects at most 35% of the evaluations")
+        LOG.info("\nno setting corrects at most 35% of the evaluations")
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     raise SystemExit(main())
