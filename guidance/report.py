@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 
 # Relative float tolerance when telling "on the sphere" (the paper's guarantee) from "inside".
 INSIDE_RTOL = 1e-4
@@ -23,6 +25,21 @@ class StepRecord:
     relative_size: list[float]      # per sample: ||lambda * Delta|| / ||x0_hat - x_t||
     nearest: list[float]            # per sample: distance to nearest known shield (inf = none within reach)
     rounds: int = 1
+
+
+def step_record(step: int, sigma: float, x0_hat: torch.Tensor, x_t: torch.Tensor, result) -> tuple[StepRecord,
+                                                                                           torch.Tensor]:
+    """One model evaluation's record and the mask of samples SPELL moved (``result`` None: nothing was active)."""
+    b = x0_hat.shape[0]
+    if result is None:
+        return StepRecord(step, sigma, 0, b, [0.0] * b, [math.inf] * b, rounds=0), torch.zeros(b, dtype=torch.bool)
+    # At sigma = 0 (the final t = 0 step) x_t is the prediction itself: measure against its norm.
+    ref = x0_hat if sigma == 0.0 else x0_hat - x_t
+    step_norm = ref.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+    active = result.active.cpu()
+    return StepRecord(step=step, sigma=sigma, corrected=int(active.sum()), batch=b,
+                      relative_size=(result.delta.flatten(1).norm(dim=1) / step_norm).cpu().tolist(),
+                      nearest=result.nearest_distance.cpu().tolist(), rounds=result.rounds), active
 
 
 @dataclass

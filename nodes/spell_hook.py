@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ..guidance import history as spell_history
 from ..guidance import spell
-from ..guidance.report import OutputRecord, SpellReport, StepRecord
+from ..guidance.report import OutputRecord, SpellReport, step_record
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
-from . import spell_history
 
 LOG = logging.getLogger("shielded_sampling")
 SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
@@ -359,17 +359,7 @@ class SpellPatch:
             run.warned_unmovable = True
 
     def record_step(self, run: RunState, sigma: float, x0_hat, x_t, result):
-        b = x0_hat.shape[0]
-        if result is None:
-            rel, nearest, corrected, active, rounds = [0.0] * b, [math.inf] * b, 0, torch.zeros(b, dtype=torch.bool), 0
-        else:
-            # At sigma = 0 (the final t = 0 step) x_t is the prediction itself: measure against its norm.
-            ref = x0_hat if sigma == 0.0 else x0_hat - x_t
-            step_norm = ref.flatten(1).float().norm(dim=1).clamp_min(1e-12)
-            rel = (result.delta.flatten(1).norm(dim=1) / step_norm).cpu().tolist()
-            nearest = result.nearest_distance.cpu().tolist()
-            active = result.active.cpu()
-            corrected, rounds = int(active.sum()), result.rounds
+        record, active = step_record(run.step_index(sigma), sigma, x0_hat, x_t, result)
+        b = record.batch
         run.repelled = active.clone() if run.repelled is None or run.repelled.shape[0] != b else run.repelled | active
-        run.report.steps.append(StepRecord(step=run.step_index(sigma), sigma=sigma, corrected=corrected, batch=b,
-                                           relative_size=rel, nearest=nearest, rounds=rounds))
+        run.report.steps.append(record)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from . import spell_history
+from ..guidance import history as spell_history
 from .ksampler_core import ksampler_inputs, sample_latent
 from .shield_set import SHIELD_SET, ShieldSet
 from ..guidance.report import INSIDE_RTOL

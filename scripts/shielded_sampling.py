@@ -10,7 +10,8 @@ import gradio as gr
 
 from modules import script_callbacks, scripts
 
-from shielded_webui import history, infotext
+from guidance import history
+from shielded_webui import infotext
 from shielded_webui.settings import COUPLINGS, DEFAULT_HISTORY, SCRIPT, ShieldedSettings
 from shielded_webui.webui_script import ShieldedProcessing, register_xyz_axis
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from guidance import history
+
 SCRIPT = "Shielded sampling"
 DEFAULT_HISTORY = "webui"
-DEFAULT_HISTORY_CAP = 256
+DEFAULT_HISTORY_CAP = history.DEFAULT_CAP
 COUPLINGS = {"off": 0, "auto": -1, "1x1 (channel means)": 1, "2x2": 2, "4x4": 4, "8x8": 8}
 AUTO_COORDINATES = 16   # "auto": the coarsest grid with at least this many coupled numbers per image (as in ComfyUI)
 

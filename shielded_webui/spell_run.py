@@ -12,11 +12,10 @@ import math
 
 import torch
 
-from guidance import spell
-from guidance.report import INSIDE_RTOL, OutputRecord, SpellReport, StepRecord
-from guidance.shields import AffineShields, ConcatShields, TensorShields
+from guidance import history, spell
+from guidance.report import INSIDE_RTOL, OutputRecord, SpellReport, step_record
+from guidance.shields import AffineShields, ConcatShields
 
-from . import history
 from .settings import SCRIPT, DEFAULT_HISTORY_CAP, ShieldedSettings, raw_radius
 
 LOG = logging.getLogger("shielded_sampling")
@@ -90,20 +89,11 @@ class SpellRun:
         return result.denoised
 
     def record_step(self, sigma: float, x0_hat, x_t, result):
-        b = x0_hat.shape[0]
-        if result is None:
-            rel, nearest, corrected, active, rounds = [0.0] * b, [math.inf] * b, 0, torch.zeros(b, dtype=torch.bool), 0
-        else:
-            ref = x0_hat if sigma == 0.0 else x0_hat - x_t
-            step_norm = ref.flatten(1).float().norm(dim=1).clamp_min(1e-12)
-            rel = (result.delta.flatten(1).norm(dim=1) / step_norm).cpu().tolist()
-            nearest = result.nearest_distance.cpu().tolist()
-            active = result.active.cpu()
-            corrected, rounds = int(active.sum()), result.rounds
+        record, active = step_record(len(self.report.steps), sigma, x0_hat, x_t, result)
+        b = record.batch
         self.repelled = active.clone() if self.repelled is None or self.repelled.shape[0] != b else self.repelled | active
         self.report.sigmas.append(sigma)
-        self.report.steps.append(StepRecord(step=len(self.report.steps), sigma=sigma, corrected=corrected, batch=b,
-                                            relative_size=rel, nearest=nearest, rounds=rounds))
+        self.report.steps.append(record)
 
     # -- end of the pass -------------------------------------------------------------------------------
     def finish(self, samples: torch.Tensor) -> torch.Tensor:

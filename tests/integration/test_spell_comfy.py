@@ -20,7 +20,7 @@ def spell_kwargs(**over):
 
 @pytest.fixture(scope="module")
 def history(pack):
-    return h.pack_submodule("nodes.spell_history")
+    return h.pack_submodule("guidance.history")
 
 
 def model_space_distances(model, out, shields):

@@ -339,7 +339,7 @@ def test_inpaint_history_repels_from_earlier_inpaints(comfy_nodes, spell_nodes):
     """history on: the second inpaint of the same image ends >= r from the first, moving only the mask."""
     fam = mf.FAMILIES["sd3"]
     model = family_model("sd3")
-    history = h.pack_submodule("nodes.spell_history")
+    history = h.pack_submodule("guidance.history")
     history.clear("inpaint-hist")
     plain = inpaint(comfy_nodes, fam, model)
     radius = radius_for(model, plain)

@@ -88,7 +88,7 @@ def test_batch_of_four_ends_pairwise_apart(script_module, sd_model):
 
 
 def test_history_repels_the_next_generation_and_clears(script_module, sd_model):
-    from shielded_webui import history
+    from guidance import history
     from shielded_webui.settings import raw_radius
     history.clear("")
     radius_rms = 0.25

@@ -1,4 +1,6 @@
-"""Named in-process histories of earlier outputs (the paper's "previous batches"), shared across queue runs."""
+"""Named in-process histories of earlier outputs (the paper's "previous batches"), shared across runs.
+
+Host-free, so the ComfyUI nodes and the WebUI extension keep their histories the same way."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +8,7 @@ import threading
 
 import torch
 
-from ..guidance.shields import TensorShields
+from .shields import TensorShields
 
 LOG = logging.getLogger("shielded_sampling")
 DEFAULT_CAP = 256
