@@ -26,7 +26,7 @@ from demo import protection_demo
 from demo.drawing import ORANGE, font, framed_tile
 from demo.mnist_data import load_train_images, mnist_folder
 from demo.tune_terrain import grain
-from guidance.metrics import median_pairwise_distance, pairwise_distances
+from guidance.kernels import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
 
 LOG = logging.getLogger("shielded_sampling.demo")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser
-from guidance.metrics import median_pairwise_distance, pairwise_distances
+from guidance.kernels import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
 
 LOG = logging.getLogger("shielded_sampling.demo")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .particle import median_bandwidth, pairwise_sq_distances
+from .kernels import median_bandwidth, pairwise_sq_distances
 
 
 def kernel_weights(e: torch.Tensor, bandwidth=None) -> torch.Tensor:

@@ -53,17 +53,16 @@ import math
 import torch
 
 from .embeddings import LatentEmbedding
-from .particle import median_pair, pairwise_sq_distances
+from .kernels import fixed_bandwidth, median_pair, pairwise_sq_distances
 
 
 def _bandwidth_and_gradient(e: torch.Tensor, bandwidth, d2: torch.Tensor):
     """``(h, H)`` with ``H = grad_e h``: the median rule depends on the median pair ``(a, b)`` only,
     ``h = ||e_a - e_b||^2 / log(max(N - 1, 2))``, so ``H`` is ``(a, b, H_a)`` (rows a and b, ``H_b = -H_a``, all
     other rows 0); a fixed bandwidth has ``H = None``."""
-    if bandwidth is not None and float(bandwidth) != 0.0:
-        if not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0):
-            raise ValueError(f"bandwidth must be > 0 (or 0/None for the median rule), got {bandwidth!r}")
-        return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device), None
+    fixed = fixed_bandwidth(bandwidth)
+    if fixed is not None:
+        return torch.tensor(fixed, dtype=e.dtype, device=e.device), None
     value, a, b = median_pair(d2)
     log_n = math.log(max(e.shape[0] - 1, 2))
     return value / log_n, (a, b, 2 * (e[a] - e[b]) / log_n)

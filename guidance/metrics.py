@@ -65,18 +65,3 @@ def knn_precision_recall(real, fake, k: int = 3) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):     # prdc prints the set sizes
         out = prdc.compute_prdc(real_features=r, fake_features=f, nearest_k=k)
     return {key: float(v) for key, v in out.items()}
-
-
-def pairwise_distances(x) -> torch.Tensor:
-    """Exact L2 distances ``[N, N]`` between rows of ``x [N, ...]`` (explicit differences, float64)."""
-    a = torch.as_tensor(_as_features(x, "x"))
-    return torch.stack([(row[None, :] - a).norm(dim=1) for row in a])
-
-
-def median_pairwise_distance(x) -> float:
-    """Median off-diagonal L2 distance of a batch: the paper's radius scale (radii tried in [0, 2x median])."""
-    d = pairwise_distances(x)
-    n = d.shape[0]
-    if n < 2:
-        raise ValueError(f"median_pairwise_distance needs >= 2 samples, got {n}")
-    return float(d[~torch.eye(n, dtype=torch.bool)].median())

@@ -36,39 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .embeddings import LatentEmbedding
-
-
-def pairwise_sq_distances(e: torch.Tensor) -> torch.Tensor:
-    """``||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij`` for a batch ``e [N, d]``, ``G`` the Gram matrix of the rows
-    centred on the batch mean (one matrix product; centring keeps the cancellation at the spread's scale).
-    Symmetric, zero diagonal, clamped at 0."""
-    c = e - e.mean(0, keepdim=True)
-    g = c @ c.t()
-    sq = g.diagonal()
-    d2 = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(0)
-    d2 = 0.5 * (d2 + d2.t())
-    return d2.fill_diagonal_(0)
-
-
-def median_pair(d2: torch.Tensor):
-    """``(median value, i, j)`` of the pairwise squared distances ``d2 [N, N]`` over ``i < j`` (lower median)."""
-    n = d2.shape[0]
-    if n < 2:
-        raise ValueError(f"the median bandwidth needs at least 2 particles, got a batch of {n}")
-    iu = torch.triu_indices(n, n, offset=1, device=d2.device)
-    value, idx = d2[iu[0], iu[1]].median(0)
-    return value, int(iu[0, idx]), int(iu[1, idx])
-
-
-def median_bandwidth(e: torch.Tensor, d2: torch.Tensor = None) -> torch.Tensor:
-    """Median rule ``h = med_{i<j} ||e_i - e_j||^2 / log(max(N - 1, 2))`` (Corso et al., with a global median)."""
-    value, _, _ = median_pair(pairwise_sq_distances(e) if d2 is None else d2)
-    return value / math.log(max(e.shape[0] - 1, 2))
-
-
-def rbf_kernel(e: torch.Tensor, h) -> torch.Tensor:
-    """``k_ij = exp(-||e_i - e_j||^2 / h)`` as an ``[N, N]`` matrix (diagonal 1)."""
-    return torch.exp(-pairwise_sq_distances(e) / h)
+from .kernels import fixed_bandwidth, median_bandwidth, pairwise_sq_distances, rbf_kernel
 
 
 def kernel_energy(e: torch.Tensor, h) -> torch.Tensor:
@@ -94,11 +62,10 @@ class ParticleResult:
 
 
 def _as_bandwidth(e: torch.Tensor, bandwidth, d2=None) -> torch.Tensor:
-    if bandwidth is None or float(bandwidth) == 0.0:
+    fixed = fixed_bandwidth(bandwidth)
+    if fixed is None:
         return median_bandwidth(e, d2)
-    if not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0):
-        raise ValueError(f"bandwidth must be > 0 (or 0/None for the median rule), got {bandwidth!r}")
-    return torch.tensor(float(bandwidth), dtype=e.dtype, device=e.device)
+    return torch.tensor(fixed, dtype=e.dtype, device=e.device)
 
 
 def embedded_repulsion(x: torch.Tensor, embedding, bandwidth=None):

@@ -5,22 +5,9 @@ import math
 
 import torch
 
+from ..guidance.kernels import median_pairwise_distance
+
 CATEGORY = "sampling/shielded"
-
-
-def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """L2 distances ``||x_i - x_j||`` for all pairs ``i < j`` of a batch ``[B, ...]`` (float64)."""
-    flat = x.reshape(x.shape[0], -1).double()
-    d = torch.cdist(flat, flat)
-    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
-    return d[i, j]
-
-
-def median_pairwise_distance(x: torch.Tensor) -> float:
-    """Median over all pairs of the batch (the paper's scale for r, Appendix: 'pairwise L2 ... median')."""
-    if x.shape[0] < 2:
-        raise ValueError(f"need a batch of at least 2 latents (got {x.shape[0]})")
-    return float(torch.quantile(pairwise_distances(x), 0.5))
 
 
 def model_space(samples: torch.Tensor, model) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch
 
 from guidance.eddy import eddy_drift
 from guidance.embeddings import make_embedding
-from guidance.particle import median_bandwidth, repulsion
+from guidance.kernels import median_bandwidth
+from guidance.particle import repulsion
 from test_particle import FlatEmbedding  # the generic-path double, shared with the PG tests
 
 MU = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.metrics import knn_precision_recall, median_pairwise_distance, pairwise_distances, vendi_score
+from guidance.metrics import knn_precision_recall, vendi_score
 
 pytest.importorskip("vendi_score", reason="vendi-score not installed (pip install vendi-score==0.0.3 prdc==0.2)")
 pytest.importorskip("prdc", reason="prdc not installed (pip install vendi-score==0.0.3 prdc==0.2)")
@@ -43,13 +43,6 @@ def test_identical_sets_have_full_precision_and_recall():
     x = np.random.default_rng(0).normal(size=(30, 4))
     out = knn_precision_recall(x, x + 1e-9, k=3)
     assert out["precision"] == pytest.approx(1.0) and out["recall"] == pytest.approx(1.0)
-
-
-def test_pairwise_and_median_distance():
-    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])
-    d = pairwise_distances(x)
-    assert d[0, 1].item() == pytest.approx(5.0) and d[1, 2].item() == pytest.approx(math.sqrt(18))
-    assert median_pairwise_distance(x) == pytest.approx(math.sqrt(18))
 
 
 def test_bad_inputs_raise():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from guidance.embeddings import make_embedding
-from guidance.particle import (kernel_energy, median_bandwidth, pairwise_sq_distances, particle_guidance,
-                               repulsion)
+from guidance.kernels import median_bandwidth, pairwise_sq_distances
+from guidance.particle import kernel_energy, particle_guidance, repulsion
 
 
 def test_repulsion_is_minus_finite_difference_gradient_of_kernel_energy():
