@@ -62,7 +62,3 @@ def version(name: str) -> int:
     with _LOCK:
         return _VERSIONS.get(name, 0)
 
-
-def names() -> list[str]:
-    with _LOCK:
-        return sorted(_HISTORIES)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .report import INSIDE_RTOL
+
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 GRID = (225, 225, 225)
@@ -69,10 +71,6 @@ def nice_max(value: float) -> float:
         if m * exp >= value * (1 - 1e-9):
             return m * exp
     return 10 * exp
-
-
-def fmt(v: float) -> str:
-    return "inf" if not math.isfinite(v) else f"{v:.3g}"
 
 
 def pct(fraction: float) -> str:
@@ -240,7 +238,7 @@ def output_lines(report, record, shield_label) -> tuple[list[str], tuple]:
     lines = [f"output {record.index}"]
     if not math.isfinite(d):
         return lines + ["no shield to compare with", f"repelled: {'yes' if record.repelled else 'no'}"], NEUTRAL
-    inside = d < report.radius * (1 - 1e-4)
+    inside = d < report.radius * (1 - INSIDE_RTOL)
     if record.nearest_shield >= 0:
         lines.append(f"nearest: shield {shield_label(record.nearest_shield)}")
     else:
