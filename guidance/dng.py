@@ -184,17 +184,20 @@ class DngParams:
 
 
 def validate_params(params: DngParams) -> None:
-    """Raise ``ValueError`` naming the offending hyper-parameter and its value."""
+    """Raise ``ValueError`` naming the offending hyper-parameter (the node's input, with the paper's symbol)."""
     if not 0.0 < params.prior < 1.0:
-        raise ValueError(f"prior must lie strictly between 0 and 1 (it is the initial posterior p(c-)), got {params.prior}")
+        raise ValueError(f"input 'prior' must lie strictly between 0 and 1 (it is the initial posterior p(c-)), "
+                         f"got {params.prior}; the paper uses 0.01")
     if not 0.0 < params.p_min < params.p_max < 1.0:
-        raise ValueError(f"need 0 < p_min < p_max < 1, got p_min={params.p_min}, p_max={params.p_max}")
+        raise ValueError(f"inputs 'p_min'/'p_max' need 0 < p_min < p_max < 1, got p_min={params.p_min}, "
+                         f"p_max={params.p_max}; e.g. p_min=1e-6, p_max=0.9")
     if params.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {params.mode!r}")
-    for name in ("lam0", "tau", "delta"):
-        value = getattr(params, name)
-        if not math.isfinite(value) or (name != "delta" and value < 0):
-            raise ValueError(f"{name} must be a finite non-negative number, got {value}")
+        raise ValueError(f"input 'mode' must be one of {MODES}, got {params.mode!r}")
+    for name, symbol in (("scale", "lam0"), ("temperature", "tau"), ("offset", "delta")):
+        value = getattr(params, symbol)
+        if not math.isfinite(value) or (symbol != "delta" and value < 0):
+            kind = "a finite number" if symbol == "delta" else "a finite non-negative number"
+            raise ValueError(f"input '{name}' ({symbol}) must be {kind}, got {value}")
 
 
 class PosteriorTracker:

@@ -53,12 +53,12 @@ def accepts_noise_sampler(sampler) -> bool:
 class EddyNoiseRun:
     """Per-run state of EDDY's noise: the raw-noise generator, the latest prediction and a draw count."""
 
-    def __init__(self, like: torch.Tensor, seed, strength: float, embedding, bandwidth, sigma_window, grid=0):
+    def __init__(self, like: torch.Tensor, seed, strength: float, embedding, bandwidth, window, grid=0):
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
         self.generator = seeded_generator(seed, SEED_OFFSET)
         self.blend_generator = seeded_generator(seed, BLEND_SEED_OFFSET)
         self.strength, self.embedding, self.bandwidth = strength, embedding, bandwidth
-        self.sigma_low, self.sigma_high = sigma_window
+        self.window = window            # a nodes.hooks.SigmaWindow
         self.grid = grid
         self.latest = None
         self.draws = self.correlated = 0
@@ -73,7 +73,7 @@ class EddyNoiseRun:
         z = self.draw(self.generator)
         self.draws += 1
         s = float(torch.as_tensor(sigma).flatten()[0])
-        if not self.sigma_low <= s <= self.sigma_high:
+        if s not in self.window:
             return z
         if self.grid:
             self.correlated += 1

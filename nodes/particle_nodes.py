@@ -30,6 +30,7 @@ from ..guidance.eddy import eddy_drift
 from ..guidance.embeddings import make_embedding
 from ..guidance.particle import particle_guidance
 from .eddy_noise import START_SEED_OFFSET, EddyNoiseRun, accepts_noise_sampler, seeded_normal
+from .hooks import WRAPPERS, SigmaWindow, check_percents, signal_scale
 
 LOG = logging.getLogger("shielded_sampling")
 CATEGORY = "sampling/shielded"
@@ -42,7 +43,6 @@ COUPLINGS = {"auto": None, "independent": 0, "spread 1x1 (channel means)": 1, "s
              "spread 8x8": 8}
 AUTO = -1           # "auto" in EDDY mode: resolved per latent by ``auto_grid``
 AUTO_COORDINATES = 16  # coupled numbers per image that "auto" asks for (terrain chain: 16 spread it, 4 barely)
-SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
 
 
 @dataclass
@@ -74,9 +74,7 @@ class ParticleSettings:
             fail("bandwidth", f"must be >= 0 (0 = median rule), got {self.bandwidth}")
         if self.pool_size < 1:
             fail("pool_size", f"must be >= 1, got {self.pool_size}; 8 is a good start")
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            fail("start_percent/end_percent", f"must satisfy 0 <= start <= end <= 1 (got {self.start_percent}, "
-                 f"{self.end_percent})")
+        check_percents(NODE, self.start_percent, self.end_percent)
         if self.start_coupling not in COUPLINGS:
             fail("start_coupling", f"must be one of {tuple(COUPLINGS)}, got {self.start_coupling!r}")
         if self.mode == EDDY and not -1.0 <= self.strength <= 1.0:
@@ -98,12 +96,6 @@ def auto_grid(channels: int) -> int:
     return next((g for g in (1, 2, 4, 8) if channels * g * g >= AUTO_COORDINATES), 8)
 
 
-def flow_alpha(model_sampling, sigma: float) -> float:
-    """``alpha`` in ``x = alpha x0 + sigma eps`` of the model (1 for EPS/V, ``1 - sigma`` for flow models)."""
-    one = torch.ones(1, 1)
-    return float(model_sampling.noise_scaling(torch.tensor([sigma]), torch.zeros_like(one), one).flatten()[0])
-
-
 class ParticlePatch:
     """The post-CFG function and the sampler wrapper; holds the settings, a once-per-patch log flag and, only
     while a sampler run is inside the wrapper, that run's ``EddyNoiseRun``."""
@@ -113,8 +105,7 @@ class ParticlePatch:
         self.settings = settings
         self.model_sampling = model_sampling
         self.embedding = make_embedding(SPACES[settings.space], settings.pool_size)
-        self.sigma_high = float(model_sampling.percent_to_sigma(settings.start_percent))
-        self.sigma_low = float(model_sampling.percent_to_sigma(settings.end_percent))
+        self.window = SigmaWindow.of(model_sampling, settings.start_percent, settings.end_percent)
         self.logged_single = False
         self.key = f"shielded_particle_{id(self)}"
         self.run = None
@@ -124,7 +115,7 @@ class ParticlePatch:
         return self
 
     def active(self, sigma: float) -> bool:
-        return self.sigma_low <= sigma <= self.sigma_high and self.settings.strength != 0.0
+        return sigma in self.window and self.settings.strength != 0.0
 
     def __call__(self, args):
         denoised = args["denoised"]
@@ -147,7 +138,7 @@ class ParticlePatch:
         bandwidth = s.bandwidth or None
         if s.mode == PG:
             return particle_guidance(denoised, s.strength, self.embedding, bandwidth, sigma=sigma).delta
-        alpha = flow_alpha(self.model_sampling, sigma)
+        alpha = signal_scale(self.model_sampling, sigma)
         score = (alpha * denoised.float() - x.float()) / sigma ** 2
         # Hutchinson draws (edges only) are seeded by the noise level: reruns are reproducible.
         gen = torch.Generator().manual_seed(zlib.crc32(repr(round(sigma, 6)).encode()))
@@ -203,7 +194,7 @@ class ParticlePatch:
             return None
         grid = self.resolved_grid(noise)
         return EddyNoiseRun(noise, seed, s.strength, self.embedding, s.bandwidth or None,
-                            (self.sigma_low, self.sigma_high), grid)
+                            self.window, grid)
 
     def start_noise(self, noise: torch.Tensor, seed) -> torch.Tensor:
         """The starting noise: EDDY's (design blended by strength, or kernel-free correlation), the start
@@ -261,7 +252,7 @@ class ParticlePatch:
     def apply(self, model):
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self)
-        patched.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
+        patched.add_wrapper_with_key(WRAPPERS.SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
         return patched
 
 

@@ -26,12 +26,11 @@ import torch
 from ..guidance import history as spell_history
 from ..guidance import spell
 from ..guidance.report import OutputRecord, SpellReport, step_record
+from .hooks import WRAPPERS, SigmaWindow, check_percents
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
 
 LOG = logging.getLogger("shielded_sampling")
-SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
-PREDICT_NOISE = "predict_noise"    # comfy.patcher_extension.WrappersMP.PREDICT_NOISE
 # Mask values at or below this count as kept: moving them would need a push of delta / m.
 MOVABLE_MASK = 1e-3
 INIT_LEAVE = "leave it"            # init_image_shield choices
@@ -66,9 +65,7 @@ class SpellSettings:
             fail("radius", f"must be > 0 (got {self.radius_rms}); use a value such as 0.2 or run the calibration")
         if not (math.isfinite(self.overcompensation) and self.overcompensation > 0):
             fail("overcompensation", f"must be > 0 (got {self.overcompensation}); 1.0 is the paper's exact push")
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            fail("start_percent/end_percent", f"must satisfy 0 <= start <= end <= 1 (got {self.start_percent}, "
-                 f"{self.end_percent})")
+        check_percents(self.node, self.start_percent, self.end_percent)
         if self.history and not self.history_name.strip():
             fail("history_name", "is empty; give the history a name such as 'default'")
         if self.init_image_shield not in INIT_CHOICES:
@@ -155,8 +152,7 @@ class RunState:
     shield_count: int
     history_count: int
     sigmas: list
-    sigma_start: float
-    sigma_end: float
+    window: SigmaWindow
     report: SpellReport
     repelled: torch.Tensor | None = None
     warned_single: bool = False
@@ -175,8 +171,6 @@ class RunState:
     def step_index(self, sigma: float) -> int:
         return min(range(len(self.sigmas)), key=lambda i: abs(self.sigmas[i] - sigma)) if self.sigmas else 0
 
-    def in_window(self, sigma: float) -> bool:
-        return self.sigma_end <= sigma <= self.sigma_start
 
 
 class SpellPatch:
@@ -195,8 +189,8 @@ class SpellPatch:
 
     def apply(self, model_patcher):
         m = model_patcher.clone()
-        m.add_wrapper_with_key(SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
-        m.add_wrapper_with_key(PREDICT_NOISE, self.key, self.predict_noise_wrapper)
+        m.add_wrapper_with_key(WRAPPERS.SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
+        m.add_wrapper_with_key(WRAPPERS.PREDICT_NOISE, self.key, self.predict_noise_wrapper)
         return m
 
     # -- per run -------------------------------------------------------------------------------------
@@ -229,8 +223,8 @@ class SpellPatch:
                              shield_set_name=getattr(s.shield_set, "name", "") or "")
         self.last_report = report
         run = RunState(settings=s, source=source, shield_count=shield_count, history_count=history_count,
-                       sigmas=sig, sigma_start=float(model_sampling.percent_to_sigma(s.start_percent)),
-                       sigma_end=float(model_sampling.percent_to_sigma(s.end_percent)), report=report,
+                       sigmas=sig, window=SigmaWindow.of(model_sampling, s.start_percent, s.end_percent),
+                       report=report,
                        elements=elements, radius=radius, guider=guider, sigma_tensor=sigmas)
         if shields is not None and tuple(shields.item_shape) != tuple(s.shield_set.item_shape):
             run.resized_from = tuple(s.shield_set.item_shape)
@@ -315,7 +309,7 @@ class SpellPatch:
         denoised = executor(x, timestep, model_options, seed, **kwargs)
         run = self.run_state(model_options)
         sigma = float(timestep.flatten()[0])
-        if not run.in_window(sigma):
+        if sigma not in run.window:
             return denoised
         if run.mask is not None:
             run.last_mask = effective_mask(model_options, run.mask, timestep, run.guider, run.sigma_tensor)

@@ -71,7 +71,7 @@ def test_empty_window_is_a_no_op(comfy_nodes, particle_nodes, tiny_model):
 
 
 def test_bad_input_names_node_and_input(particle_nodes, tiny_model):
-    with pytest.raises(ValueError, match="Particle Guidance: input 'start_percent/end_percent'"):
+    with pytest.raises(ValueError, match="Particle Guidance: inputs 'start_percent'/'end_percent'"):
         patched(particle_nodes, tiny_model, start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError, match="Particle Guidance: input 'space'"):
         patched(particle_nodes, tiny_model, space="dino")
