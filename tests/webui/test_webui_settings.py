@@ -13,7 +13,7 @@ from test_spell_webui import generate, script_args
 
 PASTED = {"enabled": True, "radius_rms": 0.137, "overcompensation": 1.6, "intra_batch": False, "history": True,
           "history_name": "studio", "start_percent": 0.1, "end_percent": 0.9, "exact": True,
-          "shield_folder": "protected/set1", "start_coupling": "2x2"}
+          "shield_folder": "protected/set1", "start_coupling": "2x2", "init_image_shield": "exclude it"}
 
 
 @pytest.fixture(scope="module")
