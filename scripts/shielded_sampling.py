@@ -11,7 +11,7 @@ import gradio as gr
 from modules import script_callbacks, scripts
 
 from guidance import history
-from shielded_webui import infotext
+from shielded_webui import a1111_hook, infotext
 from shielded_webui.settings import COUPLINGS, DEFAULT_HISTORY, INIT_CHOICES, INIT_LEAVE, SCRIPT, ShieldedSettings
 from shielded_webui.webui_script import ShieldedProcessing, register_xyz_axis
 
@@ -106,3 +106,6 @@ class ShieldedSamplingScript(scripts.Script):
 
 
 script_callbacks.on_before_ui(register_xyz_axis)
+# Automatic1111 without Forge: SPELL through the CFG denoiser's callbacks (no-ops on Forge, which uses its patcher).
+script_callbacks.on_cfg_denoiser(a1111_hook.on_cfg_denoiser)
+script_callbacks.on_cfg_after_cfg(a1111_hook.on_cfg_after_cfg)

@@ -53,8 +53,10 @@ class SpellRun:
         self.repelled: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None    # inpainting: the host's nmask (1 = repainted), None without one
         self.kept: torch.Tensor | None = None    # ... and the latent it keeps where the mask is 0
-        self.unmovable = 0                       # outputs inside a shield whose mask frees nothing
+        self.stuck = 0                           # ... inside a shield with nothing movable, at the latest evaluation
+        self.unmovable = 0                       # ... and at the final t = 0 step
         self.evaluations = 0
+        self.hires = False                       # a hires-fix second pass (the A1111 callbacks tell passes apart)
         self.finished = False
         self.report = SpellReport(radius=self.radius, radius_rms=settings.radius_rms,
                                   overcompensation=settings.overcompensation, elements=self.elements, sigmas=[],
@@ -101,9 +103,9 @@ class SpellRun:
             return denoised
         return self.correct(denoised, args["input"], sigma)
 
-    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float, final: bool = False) -> torch.Tensor:
-        """SPELL on ``x0_hat``; with an inpainting mask on what the host keeps of it (its blend comes after us,
-        except at ``final``, where ``x0_hat`` is the already blended output)."""
+    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float, blended: bool = False) -> torch.Tensor:
+        """SPELL on ``x0_hat``; with an inpainting mask on what the host keeps of it: the Forge post-CFG function
+        comes before the host's blend, ``blended`` predictions (A1111's callback, the final samples) after it."""
         s = self.settings
         if tuple(x0_hat.shape[1:]) != self.item_shape:
             raise RuntimeError(f"{SCRIPT}: the sampler's latent is {tuple(x0_hat.shape[1:])} but this pass was "
@@ -120,14 +122,12 @@ class SpellRun:
             return result.denoised
         mask = self.mask.to(x0_hat.device, x0_hat.dtype).expand_as(x0_hat)
         movable = mask > spell.MOVABLE_MASK
-        blended = x0_hat if final else spell.inpaint_blend(x0_hat, mask, self.kept.to(x0_hat.device, x0_hat.dtype))
-        result = spell.sparse_repellency(blended, self.radius, shields=self.source, intra_batch=intra,
+        kept = x0_hat if blended else spell.inpaint_blend(x0_hat, mask, self.kept.to(x0_hat.device, x0_hat.dtype))
+        result = spell.sparse_repellency(kept, self.radius, shields=self.source, intra_batch=intra,
                                          overcompensation=s.overcompensation, exact=s.exact, movable=movable)
-        self.record_step(sigma, blended, x_t, result)
-        if final:
-            self.unmovable = int((result.inside.cpu() & ~movable.flatten(1).any(1).cpu()).sum())
-            return result.denoised
-        return spell.unblended_prediction(x0_hat, result.delta, mask, movable)
+        self.record_step(sigma, kept, x_t, result)
+        self.stuck = int((result.inside.cpu() & ~movable.flatten(1).any(1).cpu()).sum())
+        return result.denoised if blended else spell.unblended_prediction(x0_hat, result.delta, mask, movable)
 
     def record_step(self, sigma: float, x0_hat, x_t, result):
         record, active = step_record(len(self.report.steps), sigma, x0_hat, x_t, result)
@@ -143,7 +143,8 @@ class SpellRun:
             return samples
         self.finished = True
         if self.settings.end_percent >= 1.0:
-            samples = self.correct(samples, samples, 0.0, final=True)
+            samples = self.correct(samples, samples, 0.0, blended=True)
+            self.unmovable = self.stuck
         self.record_outputs(samples)
         if self.settings.history:
             latents = samples.detach().float().cpu() / self.scale + self.shift

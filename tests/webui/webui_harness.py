@@ -214,7 +214,8 @@ def random_conditioning(texts) -> torch.Tensor:
     return torch.stack(out)
 
 
-SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
+SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+            "ddim": "DDIM"}
 
 
 class Generation:

@@ -1,0 +1,133 @@
+"""SPELL through Automatic1111's CFG callbacks (``on_cfg_denoiser`` + ``on_cfg_after_cfg``), the path used when the
+WebUI has no Forge patcher (A1111 1.10).
+
+No Automatic1111 tree is available to the tests. reForge and Forge carry A1111's ``CFGDenoiser`` and fire both
+callbacks from it (after the inpainting blend, as A1111 does), so the path runs here through the host's real
+sampler and the host's own callback dispatch; only the script's choice of hook is forced (``has_forge_objects``
+reports no patcher). The one A1111-only case, DDIM / PLMS / UniPC handing the callback a noise estimate, is tested
+with reForge's copy of A1111's ``CFGDenoiserTimesteps`` set up as in A1111 1.10 (``classic_ddim_eps_estimation``
+off, ``mask_before_denoising`` on) and the host's ``CFGDenoiserParams`` / ``AfterCFGCallbackParams`` dispatched by
+the host's ``script_callbacks``; Forge has no copy of that class, so it skips that test.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import webui_harness as harness
+from test_img2img_webui import SHAPE, img2img, init_latent, min_distance
+from test_spell_webui import RTOL, generate, inject_shields, script_args  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def sd_model(webui):
+    return harness.tiny_sd_model()
+
+
+@pytest.fixture
+def a1111(monkeypatch, sd_model):
+    """The script sees a WebUI without Forge patcher; the checkpoint carries A1111's ``scale_factor``."""
+    from shielded_webui import forge_hook
+    scale, shift = forge_hook.latent_affine(forge_hook.process_in(sd_model), SHAPE)
+    assert shift == 0.0
+    monkeypatch.setattr(forge_hook, "has_forge_objects", lambda model: False)
+    monkeypatch.setattr(sd_model, "scale_factor", scale, raising=False)
+    return scale
+
+
+def our_post_cfg_functions(g) -> list:
+    options = g.p.sd_model.forge_objects.unet.model_options
+    return [f for f in options.get("sampler_post_cfg_function", []) if "shielded" in getattr(f, "__module__", "")]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde", "ddim"])
+def test_callbacks_keep_outputs_outside_every_shield(script_module, sd_model, inject_shields, a1111, sampler):
+    from shielded_webui.settings import raw_radius
+    _, reference = generate(script_module, sd_model, sampler)
+    inject_shields(harness.model_space_out(sd_model)(reference))
+    radius_rms = 0.25
+    g, out = generate(script_module, sd_model, sampler, enabled=True, radius_rms=radius_rms, intra_batch=False,
+                      shield_folder="injected")
+    state = g.p.shielded_sampling_state
+    assert state.hook == "A1111 CFG callbacks" and our_post_cfg_functions(g) == []
+    run = state.runs[-1]
+    assert len(state.runs) == 1 and run.evaluations == g.model_evaluations >= g.steps
+    r = raw_radius(radius_rms, math.prod(out.shape[1:]))
+    assert min_distance(out, reference) >= r * (1 - RTOL)
+    assert run.outputs_inside() == 0 and all(o.repelled for o in run.report.outputs)
+    assert any("Shielded sampling: r = 0.25 rms" in c for c in g.p.comments), g.p.comments
+
+
+def test_callbacks_intra_batch_and_history(script_module, sd_model, a1111):
+    from guidance import history
+    from shielded_webui.settings import raw_radius
+    history.clear("")
+    _, reference = generate(script_module, sd_model, "euler", batch=4)
+    elements = math.prod(reference.shape[1:])
+    flat = reference.flatten(1).double()
+    closest = torch.cdist(flat, flat)[~torch.eye(4, dtype=torch.bool)].min().item()
+    radius_rms = 1.5 * closest / math.sqrt(elements)
+    settings = dict(enabled=True, radius_rms=radius_rms, intra_batch=True, history=True, history_name="cb")
+    _, first = generate(script_module, sd_model, "euler", batch=4, **settings)
+    r = raw_radius(radius_rms, elements)
+    flat = first.flatten(1).double()
+    assert torch.cdist(flat, flat)[~torch.eye(4, dtype=torch.bool)].min().item() >= r * (1 - RTOL)
+    # History is stored as VAE latents (sampler space / scale_factor) and repels the next generation.
+    assert torch.allclose(history.source("cb", SHAPE).shields.float() * a1111, first, atol=1e-5)
+    _, second = generate(script_module, sd_model, "euler", batch=4, **settings)
+    assert min_distance(second, first) >= r * (1 - RTOL)
+    history.clear("cb")
+
+
+def test_callbacks_inpainting_moves_only_the_masked_part(script_module, sd_model, inject_shields, a1111):
+    from shielded_webui.settings import raw_radius
+    init = init_latent()
+    nmask = harness.half_mask(SHAPE)
+    kept = (nmask == 0).expand_as(init)
+    _, reference = img2img(script_module, sd_model, init, nmask=nmask)
+    inject_shields(harness.model_space_out(sd_model)(reference))
+    g, out = img2img(script_module, sd_model, init, nmask=nmask, enabled=True, radius_rms=0.2, intra_batch=False,
+                     shield_folder="injected")
+    run = g.p.shielded_sampling_state.runs[-1]
+    assert g.p.shielded_sampling_state.hook == "A1111 CFG callbacks"
+    assert min_distance(out, reference) >= raw_radius(0.2, math.prod(SHAPE)) * (1 - RTOL)
+    assert torch.equal(out[kept], init[kept])
+    assert run.outputs_inside() == 0 and run.report.movable_fraction == [0.5, 0.5]
+
+
+def test_a1111_ddim_noise_estimate_is_converted(script_module, sd_model, inject_shields, a1111):
+    """A1111's DDIM/PLMS/UniPC give ``on_cfg_after_cfg`` eps at an integer timestep: the script corrects the x0
+    estimate the host's own ``get_pred_x0`` makes of it and hands back the eps that yields the corrected x0."""
+    from modules import script_callbacks, sd_samplers_timesteps, shared
+    from shielded_webui.settings import raw_radius
+    denoiser_class = sd_samplers_timesteps.CFGDenoiserTimesteps
+    if "get_pred_x0" not in denoiser_class.__dict__:
+        pytest.skip("this host's CFGDenoiserTimesteps is Forge's own (no A1111 eps path); reForge carries A1111's")
+    shared.sd_model = sd_model
+    g = harness.Generation(script_module, sd_model, script_args(enabled=True, radius_rms=0.2, intra_batch=False,
+                                                                shield_folder="injected"))
+    denoiser = denoiser_class(sampler=None)
+    denoiser.classic_ddim_eps_estimation, denoiser.mask_before_denoising = False, True   # as in A1111 1.10
+    denoiser.p = g.p
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn((2, *SHAPE), generator=gen)
+    eps = torch.randn((2, *SHAPE), generator=gen)
+    timestep = torch.full((2,), 501.0)
+    x0 = denoiser.get_pred_x0(x_t, eps, timestep)
+    inject_shields(harness.model_space_out(sd_model)(x0))       # both x0 estimates sit at a shield's centre
+    g.script.process(g.p, *g.args)
+    # A1111 passes the cond rows and then the batch itself: x_in = [x (cond), x (uncond)], sigma_in likewise.
+    params = script_callbacks.CFGDenoiserParams(torch.cat([x_t, x_t]), None, torch.cat([timestep, timestep]), 0, 6,
+                                                None, None, denoiser)
+    script_callbacks.cfg_denoiser_callback(params)
+    after = script_callbacks.AfterCFGCallbackParams(eps.clone(), 0, 6)
+    script_callbacks.cfg_after_cfg_callback(after)
+    corrected_x0 = denoiser.get_pred_x0(x_t, after.x, timestep)
+    r = raw_radius(0.2, math.prod(SHAPE))
+    assert not torch.equal(after.x, eps)
+    assert min_distance(corrected_x0, x0) >= r * (1 - RTOL)
+    run = g.p.shielded_sampling_state.runs[-1]
+    alpha_bar = float(shared.sd_model.alphas_cumprod[501])
+    assert run.evaluations == 1 and run.report.sigmas == [pytest.approx(math.sqrt((1 - alpha_bar) / alpha_bar))]
