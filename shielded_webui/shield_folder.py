@@ -9,7 +9,6 @@ encoded twice.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,20 +70,15 @@ class A1111Vae:
         return posterior.mode().float()
 
 
-_A1111_VAES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def vae_of(sd_model, hook: str):
-    """The checkpoint's VAE for ``shield_db``: Forge's own ``VAE`` object, or one ``A1111Vae`` per checkpoint (so
-    its weight fingerprint is computed once)."""
+    """The checkpoint's VAE for ``shield_db``: Forge's own ``VAE`` object, or a new ``A1111Vae`` per generation
+    (A1111 swaps a VAE by loading weights into the same module, so its weight fingerprint is never reused)."""
     forge = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
     if forge is not None and not hook.startswith("A1111"):
         return forge
     if getattr(sd_model, "first_stage_model", None) is None:
         raise SettingsError(f"{SCRIPT}: this checkpoint has no VAE (first_stage_model) to encode the shield folder")
-    if sd_model not in _A1111_VAES:
-        _A1111_VAES[sd_model] = A1111Vae(sd_model)
-    return _A1111_VAES[sd_model]
+    return A1111Vae(sd_model)
 
 
 def latent_shape(vae, width: int, height: int) -> tuple:

@@ -131,3 +131,41 @@ def test_a1111_ddim_noise_estimate_is_converted(script_module, sd_model, inject_
     run = g.p.shielded_sampling_state.runs[-1]
     alpha_bar = float(shared.sd_model.alphas_cumprod[501])
     assert run.evaluations == 1 and run.report.sigmas == [pytest.approx(math.sqrt((1 - alpha_bar) / alpha_bar))]
+
+
+def test_a1111_shield_folder_encoded_by_the_checkpoint_first_stage(script_module, sd_model, a1111, monkeypatch):
+    """A1111's checkpoint VAE is Stability-AI's ldm ``AutoencoderKL`` (``sd_model.first_stage_model``): PNGs under
+    models/shields/ are encoded to its posterior mode through shield_db, seen in sampler space (x scale_factor)."""
+    autoencoder = pytest.importorskip("ldm.models.autoencoder",
+                                      reason="Stability-AI's ldm (A1111's first-stage class) is not in this venv; "
+                                             "reForge's venv carries it")
+    import numpy as np
+    from pathlib import Path
+    from PIL import Image
+    from modules import paths_internal
+    from shielded_webui.settings import raw_radius
+    torch.manual_seed(0)
+    ddconfig = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    vae = autoencoder.AutoencoderKL(ddconfig, {"target": "torch.nn.Identity"}, embed_dim=4).eval()
+    monkeypatch.setattr(sd_model, "first_stage_model", vae, raising=False)
+    folder = Path(paths_internal.models_path) / "shields" / "a1111pngs"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    for i in range(3):
+        Image.fromarray(pixels[i]).save(folder / f"protected_{i}.png")
+    with torch.no_grad():
+        expected = vae.encode(torch.from_numpy(pixels).float().movedim(-1, 1) / 127.5 - 1.0).mode() * a1111
+    _, reference = generate(script_module, sd_model)
+    far = torch.cdist(reference.flatten(1).double(), expected.flatten(1).double()).min(1).values.max().item()
+    radius_rms = 1.5 * far / math.sqrt(math.prod(SHAPE))     # every unshielded output lies inside some shield
+    g, out = generate(script_module, sd_model, enabled=True, radius_rms=radius_rms, intra_batch=False,
+                      shield_folder="a1111pngs")
+    state = g.p.shielded_sampling_state
+    source, _ = state.sources[SHAPE]
+    stored = source.latents(list(range(len(source)))).float() * a1111
+    assert state.hook == "A1111 CFG callbacks" and (folder / ".shield_db").is_dir()
+    assert torch.allclose(stored, expected, atol=1e-4)
+    assert min_distance(out, expected) >= raw_radius(radius_rms, math.prod(SHAPE)) * (1 - RTOL)
+    assert state.runs[-1].shield_count == 3 and state.runs[-1].outputs_inside() == 0
