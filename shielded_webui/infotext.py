@@ -12,6 +12,7 @@ EXACT = "SPELL exact"
 SHIELDS = "SPELL shields"
 COUPLING = "Start coupling"
 INIT_IMAGE = "SPELL init image"
+RESULT = "SPELL result"        # what happened to this batch (written after sampling; never read back)
 # The WebUI's infotext parser splits any "NxM" value into "key-1"/"key-2" (image sizes); grids are written as
 # "spread NxM" so they come back whole.
 SPREAD = "spread "

@@ -56,6 +56,7 @@ class SpellRun:
         self.stuck = 0                           # ... inside a shield with nothing movable, at the latest evaluation
         self.unmovable = 0                       # ... and at the final t = 0 step
         self.evaluations = 0
+        self.closest_pair = math.inf             # intra-batch: the closest two outputs (L2), after the t = 0 step
         self.hires = False                       # a hires-fix second pass (the A1111 callbacks tell passes apart)
         self.finished = False
         self.report = SpellReport(radius=self.radius, radius_rms=settings.radius_rms,
@@ -160,12 +161,26 @@ class SpellRun:
             dist, idx = dist.cpu().tolist(), idx.cpu().tolist()
         else:
             dist, idx = [math.inf] * b, [-1] * b
+        if self.settings.intra_batch and b > 1:
+            flat = samples.detach().flatten(1).float()
+            self.closest_pair = float(torch.cdist(flat, flat).fill_diagonal_(math.inf).min())
         self.report.outputs = [OutputRecord(index=i, nearest_shield=idx[i] if idx[i] < self.shield_count else -1,
                                             distance=float(dist[i]), repelled=bool(repelled[i]))
                                for i in range(b)]
 
     def outputs_inside(self) -> int:
         return sum(1 for o in self.report.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
+
+    def result(self) -> str:
+        """The infotext's short record of this pass: corrected samples, nearest shield, outputs inside."""
+        r = self.report
+        corrected = int(self.repelled.sum()) if self.repelled is not None else 0
+        nearest = min((o.distance for o in r.outputs), default=math.inf)
+        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else "no shield"
+        pair = f", closest pair {self.closest_pair / math.sqrt(self.elements):.4g} rms" \
+            if math.isfinite(self.closest_pair) else ""
+        return (f"{corrected}/{len(r.outputs)} corrected, {near}{pair}, {self.outputs_inside()} inside, "
+                f"{self.shield_count} shields + {self.history_count} history")
 
     def summary(self) -> str:
         """One line for under the image: corrected samples and the nearest shield distance (RMS units too)."""
@@ -177,6 +192,8 @@ class SpellRun:
         text = (f"{SCRIPT}: r = {r.radius_rms:.4g} rms ({r.radius:.4g} L2), {corrected}/{len(r.outputs)} samples "
                 f"corrected over {len(r.steps)} model evaluations, {near}, {self.outputs_inside()} inside, "
                 f"{self.shield_count} shields + {self.history_count} history")
+        if math.isfinite(self.closest_pair):
+            text += f"; closest pair in the batch {self.closest_pair / math.sqrt(self.elements):.4g} rms"
         if r.init_inside:
             text += (f"; the input image lies inside {r.init_inside} shield(s), "
                      f"{'excluded from this run' if r.init_excluded else 'the output is kept out of them'}")

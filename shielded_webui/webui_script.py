@@ -78,6 +78,7 @@ class ShieldedProcessing:
         self.fail(p, message)
         if self.error is not None:
             p.comment(f"STOPPED, NOT SHIELDED: {self.error}")
+            p.extra_generation_params[infotext.RESULT] = f"STOPPED, NOT SHIELDED: {self.error}"
             from modules import shared
             shared.state.interrupt()
 
@@ -86,6 +87,7 @@ class ShieldedProcessing:
         LOG.warning("%s", message)
         if self.settings.allow_unshielded:
             p.comment(f"UNSHIELDED: {message}")
+            p.extra_generation_params[infotext.RESULT] = f"UNSHIELDED: {message}"
             self.settings.enabled = False
         else:
             self.error = message + STOPPED
@@ -177,6 +179,12 @@ class ShieldedProcessing:
 
     # -- after sampling ----------------------------------------------------------------------------------
     def after_sampling(self, p, samples):
+        if self.settings.enabled and self.error is None and not self.runs:
+            message = (f"{SCRIPT}: NOT APPLIED: no model evaluation of this generation reached SPELL (the sampler "
+                       f"bypassed the WebUI's CFG denoiser)")
+            LOG.warning("%s", message)
+            p.comment(message)
+            p.extra_generation_params[infotext.RESULT] = message
         if not self.runs or self.runs[-1].finished:
             return samples
         run = self.runs[-1]
@@ -187,6 +195,7 @@ class ShieldedProcessing:
             return samples
         samples = run.finish(samples)
         p.comment(run.summary())
+        p.extra_generation_params[infotext.RESULT] = run.result()   # this batch's images carry it in their PNG
         return samples
 
     def postprocess(self, p, processed):

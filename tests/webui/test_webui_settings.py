@@ -68,6 +68,7 @@ def test_radius_zero_continues_unshielded_only_when_allowed(script_module, sd_mo
     g, out = generate(script_module, sd_model, enabled=True, radius_rms=0.0, allow_unshielded=True)
     assert any(c.startswith("UNSHIELDED: Shielded sampling: 'Radius' must be > 0") for c in g.p.comments), g.p.comments
     assert g.p.shielded_sampling_state.runs == []
+    assert g.p.extra_generation_params["SPELL result"].startswith("UNSHIELDED: Shielded sampling: 'Radius' must be > 0")
     assert torch.equal(out, reference)
 
 
