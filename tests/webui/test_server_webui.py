@@ -6,8 +6,10 @@ checkpoint (the server recognises no smaller model), built once from Forge's own
 ``~/.cache/shielded-sampling/webui-checkpoints/`` (2.1 GB, ~1.5 min to build). With the checkpoint cached the test
 takes ~1.5 min on 2 CPU cores (start-up ~45 s, model load ~20 s, three 64x64 2-step generations).
 
-Forge only: reForge's start-up imports Stability-AI's generative-models (``sgm``), which its launcher clones from
-GitHub and no package index carries, so its server cannot start offline (the in-process tests give it stand-ins).
+Forge only: reForge's server cannot start offline. Its ``modules/paths.py`` asserts Stability-AI's ``ldm`` repository
+(cloned by the launcher; a link to the venv's ``stable-diffusion-sdkit`` passes that), then ``modules/initialize.py``
+line 46 runs ``import sgm.modules.encoders.modules``: ``ModuleNotFoundError: No module named 'sgm'`` (Stability-AI's
+generative-models, cloned from GitHub by the launcher, on no package index). The in-process tests give it stand-ins.
 """
 from __future__ import annotations
 
@@ -55,8 +57,9 @@ def ensure_checkpoint(root: Path) -> Path:
 def server(tmp_path_factory):
     root = harness.webui_path()
     if root is None or harness.flavour(root) != "forge":
-        pytest.skip("the server test runs on Forge; reForge's server needs Stability-AI's sgm (cloned from GitHub by "
-                    "its launcher, on no package index) and cannot start offline")
+        pytest.skip("the server test runs on Forge; reForge's server stops at 'import sgm.modules.encoders.modules' "
+                    "(modules/initialize.py): Stability-AI's generative-models is cloned from GitHub by its launcher "
+                    "and is on no package index")
     checkpoint = ensure_checkpoint(root)
     tree = tmp_path_factory.mktemp("server") / root.name
     shutil.copytree(root, tree, symlinks=True)
