@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .settings import SCRIPT, SettingsError, ShieldedSettings
+from .settings import SCRIPT, STATE_ATTRIBUTE, SettingsError, ShieldedSettings
 
 
 @dataclass
@@ -87,7 +87,7 @@ def on_cfg_denoiser(params):
     _PENDING = None
     denoiser = getattr(params, "denoiser", None)
     p = getattr(denoiser, "p", None)
-    state = getattr(p, "shielded_sampling_state", None)
+    state = getattr(p, STATE_ATTRIBUTE, None)
     if state is None or not state.uses_callbacks():
         return
     _PENDING = PendingCall(state, p, params.x, params.sigma, denoiser)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from guidance import history
 
 SCRIPT = "Shielded sampling"
+STATE_ATTRIBUTE = "shielded_sampling_state"    # the generation's ShieldedProcessing, kept on the WebUI's p
 DEFAULT_HISTORY = "webui"
 DEFAULT_HISTORY_CAP = history.DEFAULT_CAP
 COUPLINGS = {"off": 0, "auto": -1, "1x1 (channel means)": 1, "2x2": 2, "4x4": 4, "8x8": 8}

@@ -81,6 +81,14 @@ def vae_of(sd_model, hook: str):
     return A1111Vae(sd_model)
 
 
+def check_shape(source, item_shape: tuple):
+    """Refuse a shield set whose latents do not have this pass's shape."""
+    if source is not None and tuple(source.item_shape) != tuple(item_shape):
+        got, want = "x".join(map(str, source.item_shape)), "x".join(map(str, item_shape))
+        raise SettingsError(f"{SCRIPT}: the shield set holds latents of shape {got} but this pass samples {want} "
+                            f"(channels x height/8 x width/8); use shields made with this model family at this size")
+
+
 def latent_shape(vae, width: int, height: int) -> tuple:
     """``(C, height / f, width / f)`` for a Forge/reForge VAE (``downscale_ratio`` f, ``latent_channels`` C)."""
     ratio = int(getattr(vae, "downscale_ratio", 8))

@@ -15,11 +15,11 @@ from pathlib import Path
 from guidance.coupling import couple_noise
 
 from . import a1111_hook, forge_hook, infotext, shield_folder
-from .settings import SCRIPT, SettingsError, ShieldedSettings, coupling_grid
+from .settings import SCRIPT, STATE_ATTRIBUTE, SettingsError, ShieldedSettings, coupling_grid
 from .spell_run import SpellRun
 
 LOG = logging.getLogger("shielded_sampling")
-ATTRIBUTE = "shielded_sampling_state"
+ATTRIBUTE = STATE_ATTRIBUTE
 XYZ_RADIUS = "shielded_sampling_radius"      # set on p by the X/Y/Z plot axis
 NO_COUPLING = (f"{SCRIPT}: 'Start coupling' needs a Forge-family WebUI (Forge, reForge, Forge Neo), whose "
                f"p.modified_noise lets a script replace the starting noise; this Automatic1111 has none: set it "
@@ -136,15 +136,8 @@ class ShieldedProcessing:
         a1111_hook.sigma_window(p.sd_model, s)
         if self.folder is not None:
             channels = int(getattr(p.sd_model, "latent_channels", 4))
-            self.check_shields(p, (channels, p.height // A1111_OPT_F, p.width // A1111_OPT_F))
-
-    def check_shields(self, p, item_shape: tuple):
-        source, _ = self.shield_source(p, item_shape)
-        if source is not None and tuple(source.item_shape) != tuple(item_shape):
-            got, want = "x".join(map(str, source.item_shape)), "x".join(map(str, item_shape))
-            raise SettingsError(f"{SCRIPT}: the shield set holds latents of shape {got} but this pass samples "
-                                f"{want} (channels x height/8 x width/8); use shields made with this model family "
-                                f"at this size")
+            item_shape = (channels, p.height // A1111_OPT_F, p.width // A1111_OPT_F)
+            shield_folder.check_shape(self.shield_source(p, item_shape)[0], item_shape)
 
     def callback_run(self, p, item_shape: tuple) -> "SpellRun | None":
         """The run of the sampling pass in progress: a new one at the first model evaluation of a pass."""
@@ -155,9 +148,8 @@ class ShieldedProcessing:
         if run is not None and not run.finished and run.item_shape == item_shape and run.hires == hires:
             return run
         s = self.settings
-        if self.folder is not None:
-            self.check_shields(p, item_shape)
         source, name = self.shield_source(p, item_shape)
+        shield_folder.check_shape(source, item_shape)
         scale, shift = a1111_hook.latent_scale(p.sd_model) if source is not None or s.history else (1.0, 0.0)
         run = SpellRun(s, item_shape, scale, shift, source, a1111_hook.sigma_window(p.sd_model, s), name)
         run.hires = hires

@@ -1,7 +1,6 @@
 """The script's settings in a real WebUI: infotext written and pasted back, bad input stops or warns visibly."""
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from pathlib import Path
 
