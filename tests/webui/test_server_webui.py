@@ -1,6 +1,6 @@
 """The whole Forge WebUI server, headless and offline, driving one txt2img with the script through its HTTP API.
 
-Opt-in (``WEBUI_SERVER_TEST=1``): it boots the real server (``launch.py --nowebui --api``, loopback only) on a temp
+Runs with ``WEBUI_SERVER_TEST=1`` (``tests/host/run_webui.sh`` sets it unless told 0): it boots the real server (``launch.py --nowebui --api``, loopback only) on a temp
 copy of the host tree with this repository linked into ``extensions/`` and a random-weight full-size SD1.5
 checkpoint (the server recognises no smaller model), built once from Forge's own classes and cached under
 ``~/.cache/shielded-sampling/webui-checkpoints/`` (2.1 GB, ~1.5 min to build). With the checkpoint cached the test
@@ -74,7 +74,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all",
          "--no-half", "--no-half-vae", "--always-cpu", "--api", "--nowebui", "--server-name", "127.0.0.1",
-         "--port", str(port), "--skip-version-check", "--skip-install"],
+         "--port", str(port), "--skip-version-check", "--skip-install", "--no-hashing"],
         cwd=tree, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
