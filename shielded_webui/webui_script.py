@@ -177,8 +177,8 @@ class ShieldedProcessing:
             LOG.warning("%s", message)
             p.comment(message)
             p.extra_generation_params[infotext.RESULT] = message
-        if not self.runs or self.runs[-1].finished:
-            return samples
+        if self.error is not None or not self.settings.enabled or not self.runs or self.runs[-1].finished:
+            return samples     # stopped, continued unshielded, or nothing ran: no t = 0 step, no summary
         run = self.runs[-1]
         if getattr(samples, "already_decoded", False):
             run.finished = True

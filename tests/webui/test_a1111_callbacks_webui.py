@@ -169,3 +169,30 @@ def test_a1111_shield_folder_encoded_by_the_checkpoint_first_stage(script_module
     assert torch.allclose(stored, expected, atol=1e-4)
     assert min_distance(out, expected) >= raw_radius(radius_rms, math.prod(SHAPE)) * (1 - RTOL)
     assert state.runs[-1].shield_count == 3 and state.runs[-1].outputs_inside() == 0
+
+
+def test_a_failure_inside_the_callbacks_is_never_silent(script_module, sd_model, a1111, monkeypatch):
+    """The WebUI only logs what a callback raises: SPELL failing mid-sampling interrupts the generation and says so
+    under the image and in its infotext; with 'Continue unshielded' it goes on and says it is unshielded."""
+    from modules import shared
+    from shielded_webui.spell_run import SpellRun
+
+    def broken(self, *args, **kwargs):
+        raise MemoryError("out of memory in the test")
+
+    monkeypatch.setattr(SpellRun, "correct", broken)
+    try:
+        g, _ = generate(script_module, sd_model, enabled=True, radius_rms=0.2)
+        assert shared.state.interrupted
+    finally:
+        shared.state.interrupted = False
+    result = g.p.extra_generation_params["SPELL result"]
+    assert result.startswith("STOPPED, NOT SHIELDED: Shielded sampling: SPELL failed during sampling: MemoryError")
+    assert any(c.startswith("STOPPED, NOT SHIELDED") for c in g.p.comments), g.p.comments
+    assert not any(c.startswith("Shielded sampling: r =") for c in g.p.comments)    # no summary of a run that failed
+
+    _, reference = generate(script_module, sd_model)
+    g, out = generate(script_module, sd_model, enabled=True, radius_rms=0.2, allow_unshielded=True)
+    assert not shared.state.interrupted
+    assert g.p.extra_generation_params["SPELL result"].startswith("UNSHIELDED: Shielded sampling: SPELL failed")
+    assert torch.equal(out, reference)          # went on exactly as an unshielded generation
