@@ -265,6 +265,10 @@ def masked_ties(ties: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
     return unit
 
 
+# Inpainting-mask values at or below this count as kept: moving them would need a push of delta / m.
+MOVABLE_MASK = 1e-3
+
+
 def inpaint_blend(x0_hat: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """What an inpainting sampler keeps of a prediction: ``x0_hat * m + kept * (1 - m)`` (ComfyUI's order)."""
     return x0_hat * mask + kept * (1. - mask)

@@ -11,8 +11,8 @@ import gradio as gr
 from modules import script_callbacks, scripts
 
 from guidance import history
-from shielded_webui import infotext
-from shielded_webui.settings import COUPLINGS, DEFAULT_HISTORY, SCRIPT, ShieldedSettings
+from shielded_webui import a1111_hook, infotext
+from shielded_webui.settings import COUPLINGS, DEFAULT_HISTORY, INIT_CHOICES, INIT_LEAVE, SCRIPT, ShieldedSettings
 from shielded_webui.webui_script import ShieldedProcessing, register_xyz_axis
 
 RADIUS_HELP = ("Shield radius, resolution-free: RMS distance per latent element in the model's latent space "
@@ -64,22 +64,26 @@ class ShieldedSamplingScript(scripts.Script):
             status = gr.HTML("", elem_id=eid("status"))
             coupling = gr.Dropdown(list(COUPLINGS), value="off", label="Start coupling (EDDY: spread a batch's "
                                    "starting noises, each image keeps exact N(0, I) noise)", elem_id=eid("coupling"))
+            init_shield = gr.Dropdown(list(INIT_CHOICES), value=INIT_LEAVE, visible=is_img2img,
+                                      label="Input image inside a shield", elem_id=eid("init_image_shield"),
+                                      info="leave it: the output is moved at least the radius away from that shield; "
+                                           "exclude it: that shield is left out, to edit a protected image freely")
 
         clear.click(fn=lambda name: f"<p>{history.clear(str(name).strip())} latents dropped from history "
                                     f"'{str(name).strip() or 'all'}'</p>", inputs=[hist_name], outputs=[status])
 
         controls = [enabled, radius, overcomp, intra, hist, hist_name, start, end, exact, folder, allow, coupling,
-                    chart]
+                    chart, init_shield]
         names = ["enabled", "radius_rms", "overcompensation", "intra_batch", "history", "history_name",
                  "start_percent", "end_percent", "exact", "shield_folder", "allow_unshielded", "start_coupling",
-                 "activity_chart"]
+                 "activity_chart", "init_image_shield"]
         pasted = {"enabled", "radius_rms", "overcompensation", "intra_batch", "history", "history_name",
-                  "start_percent", "end_percent", "exact", "shield_folder", "start_coupling"}
+                  "start_percent", "end_percent", "exact", "shield_folder", "start_coupling", "init_image_shield"}
         self.infotext_fields = [(c, (lambda d, n=n: infotext.read(d).get(n, gr.update())))
                                 for c, n in zip(controls, names) if n in pasted]
         self.paste_field_names = [infotext.RADIUS, infotext.OVERCOMPENSATION, infotext.INTRA_BATCH,
                                   infotext.HISTORY, infotext.WINDOW, infotext.EXACT, infotext.SHIELDS,
-                                  infotext.COUPLING]
+                                  infotext.COUPLING, infotext.INIT_IMAGE]
         return controls
 
     def process(self, p, *args):
@@ -102,3 +106,6 @@ class ShieldedSamplingScript(scripts.Script):
 
 
 script_callbacks.on_before_ui(register_xyz_axis)
+# Automatic1111 without Forge: SPELL through the CFG denoiser's callbacks (no-ops on Forge, which uses its patcher).
+script_callbacks.on_cfg_denoiser(a1111_hook.on_cfg_denoiser)
+script_callbacks.on_cfg_after_cfg(a1111_hook.on_cfg_after_cfg)

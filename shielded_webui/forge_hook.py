@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import shield_folder
 from .settings import SCRIPT, SettingsError, ShieldedSettings
 from .spell_run import SpellRun
 
@@ -65,14 +66,28 @@ def install(p, settings: ShieldedSettings, item_shape: tuple, shield_source=None
     unet = p.sd_model.forge_objects.unet.clone()
     needs_space = shield_source is not None or settings.history
     scale, shift = latent_affine(process_in(p.sd_model), item_shape) if needs_space else (1.0, 0.0)
-    if shield_source is not None and tuple(shield_source.item_shape) != tuple(item_shape):
-        got, want = "x".join(map(str, shield_source.item_shape)), "x".join(map(str, item_shape))
-        raise SettingsError(f"{SCRIPT}: the shield set holds latents of shape {got} but this pass samples {want} "
-                            f"(channels x height/8 x width/8); use shields made with this model family at this size")
+    shield_folder.check_shape(shield_source, item_shape)
     run = SpellRun(settings, item_shape, scale, shift, shield_source, sigma_window(unet, settings), shield_name)
+    attach_img2img_inputs(run, p)
     unet.set_model_sampler_post_cfg_function(run.post_cfg)
     p.sd_model.forge_objects.unet = unet
     return run
+
+
+def attach_img2img_inputs(run: SpellRun, p):
+    """img2img / inpainting: the init latent and the host's latent mask, as ``p.init`` left them (sampler space).
+
+    The host's CFG denoiser blends every prediction ``x0 * p.nmask + p.init_latent * p.mask`` after the post-CFG
+    functions, and ``p.sample`` blends the final samples the same way; ``p.mask`` is a tensor only for inpainting.
+    """
+    if getattr(p, "is_hr_pass", False):
+        return
+    init = getattr(p, "init_latent", None)
+    if not isinstance(init, torch.Tensor) or tuple(init.shape[1:]) != run.item_shape:
+        return
+    if isinstance(getattr(p, "mask", None), torch.Tensor) and isinstance(getattr(p, "nmask", None), torch.Tensor):
+        run.attach_inpaint(p.nmask, init)
+    run.attach_init(init)
 
 
 def install_refusal(p, message: str):

@@ -1,7 +1,7 @@
 """The PNG infotext ("parameters") keys of the extension, written by a generation and read back on paste."""
 from __future__ import annotations
 
-from .settings import DEFAULT_HISTORY, ShieldedSettings
+from .settings import DEFAULT_HISTORY, INIT_LEAVE, ShieldedSettings
 
 RADIUS = "SPELL radius"
 OVERCOMPENSATION = "SPELL overcompensation"
@@ -11,6 +11,8 @@ WINDOW = "SPELL window"
 EXACT = "SPELL exact"
 SHIELDS = "SPELL shields"
 COUPLING = "Start coupling"
+INIT_IMAGE = "SPELL init image"
+RESULT = "SPELL result"        # what happened to this batch (written after sampling; never read back)
 # The WebUI's infotext parser splits any "NxM" value into "key-1"/"key-2" (image sizes); grids are written as
 # "spread NxM" so they come back whole.
 SPREAD = "spread "
@@ -33,6 +35,8 @@ def write(settings: ShieldedSettings) -> dict:
             out[EXACT] = True
         if s.shield_folder.strip():
             out[SHIELDS] = s.shield_folder.strip()
+        if s.init_image_shield != INIT_LEAVE:
+            out[INIT_IMAGE] = s.init_image_shield
     if s.start_coupling != "off":
         out[COUPLING] = SPREAD + s.start_coupling if s.start_coupling[:1].isdigit() else s.start_coupling
     return out
@@ -73,4 +77,5 @@ def read(params: dict) -> dict:
     out["exact"] = _bool(params.get(EXACT, False))
     out["shield_folder"] = str(params.get(SHIELDS, "")).strip()
     out["start_coupling"] = _coupling(params.get(COUPLING, "off"))
+    out["init_image_shield"] = str(params.get(INIT_IMAGE, INIT_LEAVE)).strip()
     return out

@@ -7,10 +7,14 @@ from dataclasses import dataclass, fields
 from guidance import history
 
 SCRIPT = "Shielded sampling"
+STATE_ATTRIBUTE = "shielded_sampling_state"    # the generation's ShieldedProcessing, kept on the WebUI's p
 DEFAULT_HISTORY = "webui"
 DEFAULT_HISTORY_CAP = history.DEFAULT_CAP
 COUPLINGS = {"off": 0, "auto": -1, "1x1 (channel means)": 1, "2x2": 2, "4x4": 4, "8x8": 8}
 AUTO_COORDINATES = 16   # "auto": the coarsest grid with at least this many coupled numbers per image (as in ComfyUI)
+INIT_LEAVE = "leave it"            # img2img / inpaint from an image inside a shield (the ComfyUI node's choices)
+INIT_EXCLUDE = "exclude it"
+INIT_CHOICES = (INIT_LEAVE, INIT_EXCLUDE)
 
 
 class SettingsError(ValueError):
@@ -32,6 +36,7 @@ class ShieldedSettings:
     allow_unshielded: bool = False
     start_coupling: str = "off"
     activity_chart: bool = False
+    init_image_shield: str = INIT_LEAVE
 
     @classmethod
     def from_args(cls, *values) -> "ShieldedSettings":
@@ -55,6 +60,8 @@ class ShieldedSettings:
             fail("History name", "is empty; give the history a name such as 'webui'")
         if self.start_coupling not in COUPLINGS:
             fail("Start coupling", f"must be one of {list(COUPLINGS)}, got {self.start_coupling!r}")
+        if self.init_image_shield not in INIT_CHOICES:
+            fail("Input image inside a shield", f"must be one of {list(INIT_CHOICES)}, got {self.init_image_shield!r}")
 
     @property
     def spell_active(self) -> bool:

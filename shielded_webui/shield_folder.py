@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from shield_db.database import ShieldDatabase
 from shield_db.folder import sync_folder
 from shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, read_allow_list, resolve_folder
@@ -45,6 +47,46 @@ def webui_roots() -> Roots:
     models = Path(paths_internal.models_path)
     (models / "shields").mkdir(parents=True, exist_ok=True)
     return Roots([models / "shields"], Path(paths_internal.data_path) / "shielded_sampling" / ALLOWED_ROOTS_FILE)
+
+
+class A1111Vae:
+    """``shield_db``'s VAE interface over an Automatic1111 checkpoint's first stage (ldm ``AutoencoderKL``):
+    ``encode(images [B, H, W, 3] in 0..1)`` -> the posterior's mode, an unscaled VAE latent (what Forge's
+    ``VAE.encode`` returns), so caches and shields mean the same on both kinds of WebUI."""
+
+    downscale_ratio = 8
+
+    def __init__(self, sd_model):
+        self.first_stage_model = sd_model.first_stage_model
+        self.latent_channels = int(getattr(sd_model, "latent_channels", 4))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        weight = next(self.first_stage_model.parameters())
+        pixels = images.movedim(-1, 1).to(weight.device, weight.dtype) * 2.0 - 1.0
+        posterior = self.first_stage_model.encode(pixels)
+        if not hasattr(posterior, "mode"):
+            raise SettingsError(f"{SCRIPT}: this checkpoint's VAE does not return a posterior distribution "
+                                f"(not an SD1.x/SD2.x first stage); shield folders are not supported for it")
+        return posterior.mode().float()
+
+
+def vae_of(sd_model, hook: str):
+    """The checkpoint's VAE for ``shield_db``: Forge's own ``VAE`` object, or a new ``A1111Vae`` per generation
+    (A1111 swaps a VAE by loading weights into the same module, so its weight fingerprint is never reused)."""
+    forge = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
+    if forge is not None and not hook.startswith("A1111"):
+        return forge
+    if getattr(sd_model, "first_stage_model", None) is None:
+        raise SettingsError(f"{SCRIPT}: this checkpoint has no VAE (first_stage_model) to encode the shield folder")
+    return A1111Vae(sd_model)
+
+
+def check_shape(source, item_shape: tuple):
+    """Refuse a shield set whose latents do not have this pass's shape."""
+    if source is not None and tuple(source.item_shape) != tuple(item_shape):
+        got, want = "x".join(map(str, source.item_shape)), "x".join(map(str, item_shape))
+        raise SettingsError(f"{SCRIPT}: the shield set holds latents of shape {got} but this pass samples {want} "
+                            f"(channels x height/8 x width/8); use shields made with this model family at this size")
 
 
 def latent_shape(vae, width: int, height: int) -> tuple:

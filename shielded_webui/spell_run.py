@@ -14,9 +14,9 @@ import torch
 
 from guidance import history, spell
 from guidance.report import INSIDE_RTOL, OutputRecord, SpellReport, step_record
-from guidance.shields import AffineShields, ConcatShields
+from guidance.shields import AffineShields, ConcatShields, ExcludedShields
 
-from .settings import SCRIPT, DEFAULT_HISTORY_CAP, ShieldedSettings, raw_radius
+from .settings import SCRIPT, DEFAULT_HISTORY_CAP, INIT_EXCLUDE, ShieldedSettings, raw_radius
 
 LOG = logging.getLogger("shielded_sampling")
 
@@ -51,13 +51,44 @@ class SpellRun:
         self.radius = raw_radius(settings.radius_rms, self.elements)
         self.sigma_start, self.sigma_end = float(sigma_window[0]), float(sigma_window[1])
         self.repelled: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None    # inpainting: the host's nmask (1 = repainted), None without one
+        self.kept: torch.Tensor | None = None    # ... and the latent it keeps where the mask is 0
+        self.stuck = 0                           # ... inside a shield with nothing movable, at the latest evaluation
+        self.unmovable = 0                       # ... and at the final t = 0 step
         self.evaluations = 0
+        self.closest_pair = math.inf             # intra-batch: the closest two outputs (L2), after the t = 0 step
+        self.hires = False                       # a hires-fix second pass (the A1111 callbacks tell passes apart)
         self.finished = False
         self.report = SpellReport(radius=self.radius, radius_rms=settings.radius_rms,
                                   overcompensation=settings.overcompensation, elements=self.elements, sigmas=[],
                                   shield_count=self.shield_count, history_count=self.history_count,
                                   intra_batch=settings.intra_batch, exact=settings.exact,
                                   shield_set_name=shield_name)
+
+    # -- img2img / inpainting inputs --------------------------------------------------------------------
+    def attach_inpaint(self, nmask: torch.Tensor, kept: torch.Tensor):
+        """The host's inpainting blend ``x0_hat * nmask + kept * (1 - nmask)``: only masked elements may move."""
+        self.kept = kept.detach().float()
+        self.mask = nmask.detach().float().expand_as(self.kept)
+        movable = (self.mask > spell.MOVABLE_MASK).flatten(1).float().mean(1)
+        self.report.movable_fraction = [float(v) for v in movable.tolist()]
+
+    def attach_init(self, init_latent: torch.Tensor):
+        """An img2img input inside shields: leave them (the output is pushed out) or leave them out of this run."""
+        if self.source is None:
+            return
+        inside = self.source.within(init_latent.detach().float(), self.radius)
+        self.report.init_inside = int(inside.shape[0])
+        if not self.report.init_inside:
+            return
+        if self.settings.init_image_shield == INIT_EXCLUDE:
+            self.source = ExcludedShields(self.source, inside)
+            self.report.init_excluded = True
+            LOG.info("%s: the input image lies inside %d shield(s); 'exclude it' leaves them out of this run",
+                     SCRIPT, self.report.init_inside)
+        else:
+            LOG.info("%s: the input image lies inside %d shield(s); the output is moved at least the radius away "
+                     "from them", SCRIPT, self.report.init_inside)
 
     # -- per model evaluation ------------------------------------------------------------------------
     def in_window(self, sigma: float) -> bool:
@@ -73,7 +104,9 @@ class SpellRun:
             return denoised
         return self.correct(denoised, args["input"], sigma)
 
-    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float) -> torch.Tensor:
+    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float, blended: bool = False) -> torch.Tensor:
+        """SPELL on ``x0_hat``; with an inpainting mask on what the host keeps of it: the Forge post-CFG function
+        comes before the host's blend, ``blended`` predictions (A1111's callback, the final samples) after it."""
         s = self.settings
         if tuple(x0_hat.shape[1:]) != self.item_shape:
             raise RuntimeError(f"{SCRIPT}: the sampler's latent is {tuple(x0_hat.shape[1:])} but this pass was "
@@ -83,10 +116,19 @@ class SpellRun:
         if self.source is None and not intra:
             self.record_step(sigma, x0_hat, x_t, None)
             return x0_hat
-        result = spell.sparse_repellency(x0_hat, self.radius, shields=self.source, intra_batch=intra,
-                                         overcompensation=s.overcompensation, exact=s.exact)
-        self.record_step(sigma, x0_hat, x_t, result)
-        return result.denoised
+        if self.mask is None:
+            result = spell.sparse_repellency(x0_hat, self.radius, shields=self.source, intra_batch=intra,
+                                             overcompensation=s.overcompensation, exact=s.exact)
+            self.record_step(sigma, x0_hat, x_t, result)
+            return result.denoised
+        mask = self.mask.to(x0_hat.device, x0_hat.dtype).expand_as(x0_hat)
+        movable = mask > spell.MOVABLE_MASK
+        kept = x0_hat if blended else spell.inpaint_blend(x0_hat, mask, self.kept.to(x0_hat.device, x0_hat.dtype))
+        result = spell.sparse_repellency(kept, self.radius, shields=self.source, intra_batch=intra,
+                                         overcompensation=s.overcompensation, exact=s.exact, movable=movable)
+        self.record_step(sigma, kept, x_t, result)
+        self.stuck = int((result.inside.cpu() & ~movable.flatten(1).any(1).cpu()).sum())
+        return result.denoised if blended else spell.unblended_prediction(x0_hat, result.delta, mask, movable)
 
     def record_step(self, sigma: float, x0_hat, x_t, result):
         record, active = step_record(len(self.report.steps), sigma, x0_hat, x_t, result)
@@ -102,7 +144,8 @@ class SpellRun:
             return samples
         self.finished = True
         if self.settings.end_percent >= 1.0:
-            samples = self.correct(samples, samples, 0.0)
+            samples = self.correct(samples, samples, 0.0, blended=True)
+            self.unmovable = self.stuck
         self.record_outputs(samples)
         if self.settings.history:
             latents = samples.detach().float().cpu() / self.scale + self.shift
@@ -118,12 +161,26 @@ class SpellRun:
             dist, idx = dist.cpu().tolist(), idx.cpu().tolist()
         else:
             dist, idx = [math.inf] * b, [-1] * b
+        if self.settings.intra_batch and b > 1:
+            flat = samples.detach().flatten(1).float()
+            self.closest_pair = float(torch.cdist(flat, flat).fill_diagonal_(math.inf).min())
         self.report.outputs = [OutputRecord(index=i, nearest_shield=idx[i] if idx[i] < self.shield_count else -1,
                                             distance=float(dist[i]), repelled=bool(repelled[i]))
                                for i in range(b)]
 
     def outputs_inside(self) -> int:
         return sum(1 for o in self.report.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
+
+    def result(self) -> str:
+        """The infotext's short record of this pass: corrected samples, nearest shield, outputs inside."""
+        r = self.report
+        corrected = int(self.repelled.sum()) if self.repelled is not None else 0
+        nearest = min((o.distance for o in r.outputs), default=math.inf)
+        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else "no shield"
+        pair = f", closest pair {self.closest_pair / math.sqrt(self.elements):.4g} rms" \
+            if math.isfinite(self.closest_pair) else ""
+        return (f"{corrected}/{len(r.outputs)} corrected, {near}{pair}, {self.outputs_inside()} inside, "
+                f"{self.shield_count} shields + {self.history_count} history")
 
     def summary(self) -> str:
         """One line for under the image: corrected samples and the nearest shield distance (RMS units too)."""
@@ -132,6 +189,17 @@ class SpellRun:
         nearest = min((o.distance for o in r.outputs), default=math.inf)
         near = "no shield or history" if not math.isfinite(nearest) else \
             f"nearest shield {nearest / math.sqrt(self.elements):.4g} rms ({nearest:.4g} L2)"
-        return (f"{SCRIPT}: r = {r.radius_rms:.4g} rms ({r.radius:.4g} L2), {corrected}/{len(r.outputs)} samples "
+        text = (f"{SCRIPT}: r = {r.radius_rms:.4g} rms ({r.radius:.4g} L2), {corrected}/{len(r.outputs)} samples "
                 f"corrected over {len(r.steps)} model evaluations, {near}, {self.outputs_inside()} inside, "
                 f"{self.shield_count} shields + {self.history_count} history")
+        if math.isfinite(self.closest_pair):
+            text += f"; closest pair in the batch {self.closest_pair / math.sqrt(self.elements):.4g} rms"
+        if r.init_inside:
+            text += (f"; the input image lies inside {r.init_inside} shield(s), "
+                     f"{'excluded from this run' if r.init_excluded else 'the output is kept out of them'}")
+        if r.movable_fraction:
+            text += f"; inpainting: the mask frees {100 * min(r.movable_fraction):.3g}% of the latent"
+        if self.unmovable:
+            text += (f"; {self.unmovable} output(s) INSIDE a shield cannot move: the inpainting mask frees nothing "
+                     f"there; widen the mask")
+        return text

@@ -85,6 +85,9 @@ def test_batch_of_four_ends_pairwise_apart(script_module, sd_model):
     after = pairwise(out)
     assert after.min().item() >= r * (1 - RTOL), f"closest pair {after.min():.4g} < r = {r:.4g}"
     assert g.p.extra_generation_params["SPELL intra-batch"] is True
+    closest = after.min().item() / math.sqrt(elements)
+    assert g.p.extra_generation_params["SPELL result"] == f"4/4 corrected, no shield, closest pair {closest:.4g} rms, " \
+                                                          f"0 inside, 0 shields + 0 history"
 
 
 def test_history_repels_the_next_generation_and_clears(script_module, sd_model):

@@ -1,7 +1,6 @@
 """The script's settings in a real WebUI: infotext written and pasted back, bad input stops or warns visibly."""
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from test_spell_webui import generate, script_args
 
 PASTED = {"enabled": True, "radius_rms": 0.137, "overcompensation": 1.6, "intra_batch": False, "history": True,
           "history_name": "studio", "start_percent": 0.1, "end_percent": 0.9, "exact": True,
-          "shield_folder": "protected/set1", "start_coupling": "2x2"}
+          "shield_folder": "protected/set1", "start_coupling": "2x2", "init_image_shield": "exclude it"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +67,7 @@ def test_radius_zero_continues_unshielded_only_when_allowed(script_module, sd_mo
     g, out = generate(script_module, sd_model, enabled=True, radius_rms=0.0, allow_unshielded=True)
     assert any(c.startswith("UNSHIELDED: Shielded sampling: 'Radius' must be > 0") for c in g.p.comments), g.p.comments
     assert g.p.shielded_sampling_state.runs == []
+    assert g.p.extra_generation_params["SPELL result"].startswith("UNSHIELDED: Shielded sampling: 'Radius' must be > 0")
     assert torch.equal(out, reference)
 
 
@@ -93,13 +93,21 @@ def test_shields_of_another_latent_shape_are_refused(script_module, sd_model, mo
     assert any("UNSHIELDED" in c and "4x16x16" in c for c in g.p.comments), g.p.comments
 
 
-def test_a_webui_without_forge_patcher_refuses_visibly(script_module, sd_model, monkeypatch):
+@pytest.mark.parametrize("settings, message", [
+    (dict(start_coupling="2x2"), "'Start coupling' needs a Forge-family WebUI"),
+    (dict(enabled=True, history=True), "no latent scale factor; shields and history are not supported"),
+])
+def test_a_webui_without_forge_patcher_refuses_what_it_cannot_do(script_module, sd_model, monkeypatch, settings,
+                                                                  message):
+    """Automatic1111 without Forge (no p.sd_model.forge_objects): SPELL runs through the CFG callbacks, but what
+    that path cannot do stops the generation with the reason before sampling."""
     import types
     from modules import shared
-    g = harness.Generation(script_module, sd_model, script_args(enabled=True))
-    monkeypatch.setattr(shared, "sd_model", types.SimpleNamespace())  # Automatic1111 without Forge (p.sd_model)
+    g = harness.Generation(script_module, sd_model, script_args(**settings))
+    monkeypatch.setattr(shared, "sd_model", types.SimpleNamespace())  # p.sd_model of an A1111 checkpoint
     g.script.process(g.p, *g.args)
-    with pytest.raises(RuntimeError, match="no Forge patcher.*generation stopped"):
+    assert g.p.shielded_sampling_state.hook == "A1111 CFG callbacks"
+    with pytest.raises(RuntimeError, match=f"{message}.*generation stopped"):
         g.p.sample(conditioning=None, unconditional_conditioning=None, seeds=[1], subseeds=[1],
                    subseed_strength=0.0, prompts=["x"])
 

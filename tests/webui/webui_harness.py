@@ -214,7 +214,8 @@ def random_conditioning(texts) -> torch.Tensor:
     return torch.stack(out)
 
 
-SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
+SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+            "ddim": "DDIM"}
 
 
 class Generation:
@@ -292,4 +293,75 @@ class Generation:
                                               image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
         ps = self.post_sample_args(samples)
         self.script.post_sample(p, ps, *self.args)
+        return ps.samples
+
+
+def script_runner(script, args: tuple):
+    """The host's own ``ScriptRunner`` holding only this always-on script (what ``p.scripts`` is in a generation),
+    so the host's ``p.sample`` and CFG denoiser call the script's hooks themselves."""
+    from modules import scripts
+    script.args_from, script.args_to = 0, len(args)
+    script.filename = str(PACK_ROOT / "scripts" / "shielded_sampling.py")
+    runner = scripts.ScriptRunner()
+    runner.scripts, runner.alwayson_scripts = [script], [script]
+    return runner
+
+
+def half_mask(shape: tuple, soft: float = 0.5) -> torch.Tensor:
+    """A latent inpainting mask as ``p.init`` builds it (``[C, h, w]``, 1 = repainted): the left half repainted,
+    the column at its edge soft (``soft``), the right half kept (exactly 0)."""
+    nmask = torch.zeros(shape)
+    half = shape[2] // 2
+    nmask[:, :, :half] = 1.0
+    nmask[:, :, half - 1] = soft
+    return nmask
+
+
+class Img2ImgGeneration(Generation):
+    """One img2img / inpainting batch through the host's own ``StableDiffusionProcessingImg2Img.sample`` (noise,
+    the scripts' ``process_before_every_sampling``, ``sample_img2img`` with the CFG denoiser's mask blend, the
+    final mask blend), then the scripts' ``post_sample``: what ``process_images_inner`` does for one batch after
+    ``p.init`` has encoded the init image (here a given latent, sampler space) and built the latent mask."""
+
+    def __init__(self, script_module, sd_model, args: tuple, init_latent: torch.Tensor, nmask=None,
+                 denoise: float = 0.6, sampler: str = "euler", steps: int = 6, seed: int = 1, cfg: float = 5.0):
+        from modules import processing, prompt_parser, rng, scripts, sd_samplers, shared
+        shared.sd_model = sd_model
+        shared.opts.live_previews_enable = False
+        batch, size = init_latent.shape[0], init_latent.shape[-1] * 8
+        self.script = script_module.ShieldedSamplingScript()
+        self.args = tuple(args)
+        p = processing.StableDiffusionProcessingImg2Img(
+            sd_model=sd_model, prompt="a shielded test", negative_prompt="", steps=steps, batch_size=batch,
+            width=size, height=size, sampler_name=SAMPLERS[sampler], cfg_scale=cfg, seed=seed, init_images=[],
+            denoising_strength=denoise, do_not_save_samples=True, do_not_save_grid=True)
+        p.scheduler = "Automatic"
+        if hasattr(p, "fill_fields_from_opts"):
+            p.fill_fields_from_opts()
+        p.seeds = [seed + i for i in range(batch)]
+        p.subseeds = list(p.seeds)
+        p.all_seeds, p.all_subseeds = list(p.seeds), list(p.subseeds)
+        p.prompts, p.negative_prompts = [p.prompt] * batch, [p.negative_prompt] * batch
+        p.all_prompts, p.all_negative_prompts = list(p.prompts), list(p.negative_prompts)
+        p.script_args = self.args
+        p.scripts = script_runner(self.script, self.args)
+        p.rng = rng.ImageRNG(tuple(init_latent.shape[1:]), p.seeds, subseeds=p.subseeds, subseed_strength=0.0,
+                             seed_resize_from_h=0, seed_resize_from_w=0)
+        # What p.init leaves behind for the sampler (sampler-space init latent; latent mask only when inpainting).
+        p.init_latent = init_latent.clone()
+        p.mask = None if nmask is None else 1.0 - nmask
+        p.nmask = nmask
+        p.image_conditioning = init_latent.new_zeros(batch, 5, 1, 1)
+        self.p, self.steps, self.batch, self.size, self.seed = p, steps, batch, size, seed
+        self.c = prompt_parser.get_multicond_learned_conditioning(sd_model, p.prompts, steps)
+        self.uc = prompt_parser.get_learned_conditioning(sd_model, p.negative_prompts, steps)
+        self.sampler = p.sampler = sd_samplers.create_sampler(p.sampler_name, sd_model)
+        self.post_sample_args = scripts.PostSampleArgs
+
+    def run(self) -> torch.Tensor:
+        p = self.p
+        self.script.process(p, *self.args)
+        samples = p.sample(self.c, self.uc, p.seeds, p.subseeds, 0.0, p.prompts)
+        ps = self.post_sample_args(samples)
+        p.scripts.post_sample(p, ps)
         return ps.samples
