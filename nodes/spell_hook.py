@@ -26,13 +26,11 @@ import torch
 from ..guidance import history as spell_history
 from ..guidance import spell
 from ..guidance.report import OutputRecord, SpellReport, step_record
-from .hooks import WRAPPERS, SigmaWindow, check_percents
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
+from .hooks import WRAPPERS, SigmaWindow, check_percents
 
 LOG = logging.getLogger("shielded_sampling")
-# Mask values at or below this count as kept: moving them would need a push of delta / m.
-MOVABLE_MASK = 1e-3
 INIT_LEAVE = "leave it"            # init_image_shield choices
 INIT_EXCLUDE = "exclude it"
 INIT_CHOICES = (INIT_LEAVE, INIT_EXCLUDE)
@@ -237,7 +235,7 @@ class SpellPatch:
         if denoise_mask is not None:
             run.mask = denoise_mask.to(noise.device, torch.float32).expand(noise.shape)
             run.kept = latent_image.to(noise.device) if latent_image is not None else torch.zeros_like(noise)
-            movable = (run.mask > MOVABLE_MASK).flatten(1).float().mean(1)
+            movable = (run.mask > spell.MOVABLE_MASK).flatten(1).float().mean(1)
             run.report.movable_fraction = [float(v) for v in movable.tolist()]
         if not has_init or run.source is None:
             return
@@ -334,7 +332,7 @@ class SpellPatch:
             self.record_step(run, sigma, x0_hat, x_t, result)
             return result.denoised
         mask = mask.to(x0_hat.device, x0_hat.dtype)
-        movable = mask > MOVABLE_MASK
+        movable = mask > spell.MOVABLE_MASK
         # At t = 0 the samples are already what the sampler kept; in the loop the host blends after us.
         blended = x0_hat if final else spell.inpaint_blend(x0_hat, mask, run.kept.to(x0_hat.dtype))
         result = spell.sparse_repellency(blended, run.radius, shields=run.source, intra_batch=intra,
