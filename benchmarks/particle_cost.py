@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
 
 from benchmarks.terrain_model import TerrainDenoiser, unavailable_reason  # noqa: E402
-from guidance.correlated_noise import blend, eddy_noise  # noqa: E402
+from guidance.eddy import blend, eddy_noise  # noqa: E402
 from guidance.coupling import couple_noise  # noqa: E402
-from guidance.eddy import eddy_drift  # noqa: E402
+from guidance.eddy_drift import eddy_drift  # noqa: E402
 from guidance.embeddings import make_embedding  # noqa: E402
 from guidance.particle import particle_guidance  # noqa: E402
 

@@ -14,7 +14,7 @@ batches of 8, the same seeds for every setting. Guidance edits the prediction ``
   ``coupled+renoise`` also couples the fresh noise of every re-noising step of the consistency chain (each
   step's noise is coupled independently of the others, so every sample's whole noise sequence is still iid
   N(0, I) and its law is exactly the unguided one).
-- EDDY-noise (``guidance.correlated_noise.eddy_noise``, strength s in (0, 1], 1 = most anti-correlated): the
+- EDDY-noise (``guidance.eddy.eddy_noise``, strength s in (0, 1], 1 = most anti-correlated): the
   starting noise correlated across the batch with equal weights, and (chain) every re-noising draw correlated by
   the RBF kernel of the batch's current prediction ``D`` in the pooled 8x8 embedding (median bandwidth) through
   ``sample_consistency(..., correlate=...)``: look-alike samples get the most negative correlation. Each sample's
@@ -53,9 +53,9 @@ sys.path.insert(0, str(ROOT))          # script: make the repo's packages import
 
 from benchmarks.spell_diversity_terrain import inception, inception_features  # noqa: E402
 from benchmarks.terrain_model import TerrainDenoiser, render  # noqa: E402
-from guidance.correlated_noise import blend, eddy_noise  # noqa: E402
+from guidance.eddy import blend, eddy_noise  # noqa: E402
 from guidance.coupling import couple_noise, lift, project  # noqa: E402
-from guidance.eddy import eddy_drift  # noqa: E402
+from guidance.eddy_drift import eddy_drift  # noqa: E402
 from guidance.embeddings import make_embedding  # noqa: E402
 from guidance.kernels import median_pairwise_distance  # noqa: E402
 from guidance.metrics import knn_precision_recall, vendi_score  # noqa: E402

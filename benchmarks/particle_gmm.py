@@ -16,14 +16,14 @@ Methods (``x0``, ``z`` and the raw noise shared by all rows of a sampler):
 - EDDY drift (paper form): ``D' = D + sigma * strength * v``, ``v = eddy_drift(x, s)`` (exact divergence);
   PG and the drift act for sigma in [0.2, 20] (below that the drift's explicit steps become unstable at
   strength >= 2);
-- EDDY (the product's mode; ``guidance.correlated_noise``): the starting noises correlated inside each batch by
+- EDDY (the product's mode; ``guidance.eddy``): the starting noises correlated inside each batch by
   ``eddy_noise(z, strength)`` (equal weights) and, in the ancestral sampler, every fresh draw correlated by
   ``eddy_noise(z, strength, embedded=D(x) of the batch)`` (kernel weights, median bandwidth). Each particle's
   noise is exactly ``N(0, I)`` given the past, so each particle's chain is exactly the unguided chain;
 - EDDY (design) (Heun) / EDDY (design, every draw) (ancestral): the product's EDDY mode with start_coupling
   "auto": the exact-marginal design coupling ``guidance.coupling.coupled_coordinates`` (in 2-D the whole space is
   coupled: ``z_i' = ||z_i|| Q d_i``) blended by strength, ``blend(w, design(z), s) = sqrt(1 - s) w +
-  sqrt(s) design(z)`` with ``w`` an independent draw (``guidance.correlated_noise.blend``; exactly ``N(0, I)`` per
+  sqrt(s) design(z)`` with ``w`` an independent draw (``guidance.eddy.blend``; exactly ``N(0, I)`` per
   sample), for the starting noise and, in the ancestral sampler, for every fresh draw (``w`` from a separate
   seeded generator, so the rows are reproducible and the raw draws ``z`` are those of every other row);
 - EDDY drift + coupled start (Heun): the drift on top of the design start, to show that this combination shifts
@@ -53,9 +53,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark script: run from a checkout
 
-from guidance.correlated_noise import blend, eddy_noise  # noqa: E402
+from guidance.eddy import blend, eddy_noise  # noqa: E402
 from guidance.coupling import coupled_coordinates  # noqa: E402
-from guidance.eddy import eddy_drift  # noqa: E402
+from guidance.eddy_drift import eddy_drift  # noqa: E402
 from guidance.particle import particle_guidance  # noqa: E402
 from guidance.sampling import karras_sigmas, sample_euler_ancestral, sample_heun  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Why a marginal-preserving drift cannot spread a batch. Let ``p = prod_i p_t(x_i)`` be the joint density of
 ``N`` independent samples at noise level ``t``. A drift ``v`` with ``div(p v) = 0`` (EDDY,
-``guidance/eddy.py``; more generally any drift that is divergence-free w.r.t. each particle's ``p_t`` for
+``guidance/eddy_drift.py``; more generally any drift that is divergence-free w.r.t. each particle's ``p_t`` for
 every fixed configuration of the others) adds ``-div(p v) = 0`` to the joint Fokker-Planck / continuity
 equation, so ``p`` remains its solution and, by uniqueness, the batch remains distributed as ``N``
 INDEPENDENT samples at every time: no statistic of the batch (mean pairwise distance, Vendi, ...) changes in

@@ -26,7 +26,7 @@ direction (order 1, whatever the spread) times the noise level. For a linear emb
 ``strength * O(1) * (sigma - sigma_next)``: the push is largest at high noise and does not compound with the
 spread it creates (a push proportional to the current separation grows the spread exponentially). This is
 the scaling of Corso et al.'s latent code, where ``phi`` is computed on the noisy latents (distances ~ sigma).
-The sigma window (Corso et al.: only ``sigma > 1``) is applied by the caller (``nodes/particle_nodes.py``).
+The sigma window (Corso et al.: only ``sigma > 1``) is applied by the caller (``nodes/particle_patch.py``).
 """
 from __future__ import annotations
 

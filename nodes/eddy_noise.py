@@ -1,11 +1,12 @@
-"""EDDY's correlated noise inside ComfyUI's samplers (the math is ``guidance/correlated_noise.py``).
+"""EDDY's correlated noise inside ComfyUI's samplers (the math is ``guidance/eddy.py``).
 
 Stochastic k-diffusion samplers (euler_ancestral, dpmpp_2m_sde, dpmpp_sde, ...) take a ``noise_sampler(sigma,
-sigma_next)`` returning unit noise shaped like the batch. For one sampler run the "Particle Guidance" node hands
-them an ``EddyNoiseRun``: it draws iid unit noise from its own seeded generator and correlates it across the batch
-by the kernel of the batch's latest prediction, which the node's post-CFG hook records, or (``grid`` > 0) couples
-it with the start coupling's design on that grid, blended by strength. Each image's noise stays exactly N(0, I)
-given everything before it, so each image's chain is the unguided one.
+sigma_next)`` returning unit noise shaped like the batch. For one sampler run the "Particle Guidance" node's
+noise patch (``nodes/noise_patch.py``) hands them an ``EddyNoiseRun``: it draws iid unit noise from its own seeded
+generator and applies ``guidance.eddy.exact_marginal_noise``: correlated across the batch by the kernel of the
+batch's latest prediction (recorded by the noise patch's post-CFG function), or (``grid`` > 0) coupled with the
+start coupling's design on that grid, blended by strength. Each image's noise stays exactly N(0, I) given
+everything before it, so each image's chain is the unguided one.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import logging
 
 import torch
 
-from ..guidance.correlated_noise import blend, eddy_noise
-from ..guidance.coupling import couple_noise
+from ..guidance.eddy import exact_marginal_noise
 
 LOG = logging.getLogger("shielded_sampling")
 SEED_OFFSET = 0x5EED  # keeps the injected noise stream apart from the starting noise ComfyUI draws from the seed
@@ -75,15 +75,12 @@ class EddyNoiseRun:
         s = float(torch.as_tensor(sigma).flatten()[0])
         if s not in self.window:
             return z
-        if self.grid:
-            self.correlated += 1
-            coupled = couple_noise(z, self.grid)
-            if self.strength == 1:
-                return coupled
-            return blend(self.draw(self.blend_generator), coupled, self.strength)
-        if self.latest is None:
+        if not self.grid and self.latest is None:
             return z
-        with torch.no_grad():
-            embedded = self.embedding(self.latest.float())
+        embedded = None
+        if not self.grid:
+            with torch.no_grad():
+                embedded = self.embedding(self.latest.float())
         self.correlated += 1
-        return eddy_noise(z, self.strength, embedded, self.bandwidth)
+        return exact_marginal_noise(z, self.strength, self.grid, independent=lambda: self.draw(self.blend_generator),
+                                    embedded=embedded, bandwidth=self.bandwidth)

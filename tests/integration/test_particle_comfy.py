@@ -236,7 +236,7 @@ def test_eddy_noise_sampler_is_given_for_one_run_only(comfy_nodes, particle_node
 def test_eddy_with_an_ode_sampler_correlates_the_start_only(comfy_nodes, particle_nodes, tiny_model, sampler,
                                                             caplog):
     import comfy.sample
-    correlated = h.pack_submodule("guidance.correlated_noise")
+    correlated = h.pack_submodule("guidance.eddy")
     latent = h.empty_latent(4)
     model = patched(particle_nodes, tiny_model, mode="EDDY", strength=0.7)
     seen = record_noise(model)
@@ -260,7 +260,7 @@ def test_eddy_moves_batches_of_ode_samplers_apart(comfy_nodes, particle_nodes, t
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_eddy_auto_blends_the_2x2_design_into_the_start(comfy_nodes, particle_nodes, coupling, tiny_model, strength):
     import comfy.sample
-    correlated = h.pack_submodule("guidance.correlated_noise")
+    correlated = h.pack_submodule("guidance.eddy")
     eddy_noise_module = h.pack_submodule("nodes.eddy_noise")
     latent = h.empty_latent(4)
     model = patched(particle_nodes, tiny_model, mode="EDDY", strength=strength, start_coupling="auto")
@@ -275,7 +275,8 @@ def test_eddy_auto_blends_the_2x2_design_into_the_start(comfy_nodes, particle_no
 def test_node_default_start_coupling_is_auto(particle_nodes):
     inputs = particle_nodes.ParticleGuidance.INPUT_TYPES()["required"]
     assert inputs["start_coupling"][1]["default"] == "auto"
-    assert [particle_nodes.auto_grid(c) for c in (1, 4, 16)] == [4, 2, 1]    # >= 16 coupled numbers per image
+    settings = h.pack_submodule("nodes.particle_settings")
+    assert [settings.auto_grid(c) for c in (1, 4, 16)] == [4, 2, 1]          # >= 16 coupled numbers per image
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
