@@ -221,6 +221,10 @@ def main():
         t0 = time.perf_counter()
         variants[f"  k={k}"] = index_of_dim(x16, k)
         builds[f"  k={k}"] = time.perf_counter() - t0
+        if k == 64:  # the previous release: 64 directions, FAISS range search
+            v = variants[f"  k={k}"]
+            variants["  k=64, faiss screen (previous release)"] = FaissScreen(v.mu, v.a, v.index, v.max_norm)
+            builds["  k=64, faiss screen (previous release)"] = builds[f"  k={k}"]
     methods = list(variants) + ["flat", "ivf1", "ivf2", "ivf10"]
     stats = {m: {"t": [], "cpu": [], "found": 0, "extra": 0, "cand": []} for m in methods}
     n_true = 0
