@@ -104,7 +104,8 @@ class FeatureIndex:
             n, d = self.rows, self.index.d
             full = faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
             chunks = range(0, n, SCREEN_CHUNK_ROWS)
-            full_sq = np.concatenate([squared_norms(full[lo:lo + SCREEN_CHUNK_ROWS]) for lo in chunks] or [np.zeros(0, np.float32)])
+            full_sq = np.concatenate([squared_norms(full[lo:lo + SCREEN_CHUNK_ROWS]) for lo in chunks]
+                                     or [np.zeros(0, np.float32)])
             coarse = coarse_sq = None
             if d > 2 * (COARSE_DIM + 1):
                 coarse = np.concatenate([coarse_features(full[lo:lo + SCREEN_CHUNK_ROWS], COARSE_DIM) for lo in chunks]
