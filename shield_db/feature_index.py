@@ -1,4 +1,15 @@
-"""FAISS range search on projected features, returning a candidate superset of the true hits."""
+"""Range screen on projected features, returning a candidate superset of the true hits.
+
+The features live in a ``faiss.IndexFlatL2`` (its on-disk format); the range screen reads them in place and
+runs in two passes, both batched matrix products over all queries of a batch:
+
+1. coarse: the first ``COARSE_DIM`` coordinates plus the norm of the rest (:func:`coarse_features`), a
+   1-Lipschitz image of the features, so coarse distances never exceed feature distances;
+2. full: the survivors' full features.
+
+One matrix product per pass reads the features once per batch (FAISS's range search reads them once per
+query below 20 queries), and the coarse pass reads ``COARSE_DIM + 1`` of ``k + 1`` numbers per row.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +23,51 @@ from .errors import CorruptDatabaseError
 from .projection import FEATURE_REL_ERROR, features, search_radius_sq
 from .storage import write_bytes_atomic, write_safetensors_atomic
 
+COARSE_DIM = 32
+SCREEN_CHUNK_ROWS = 65536
+
+
+def coarse_features(feats: np.ndarray, m: int) -> np.ndarray:
+    """``[f_1..f_m, ||f_(m+1..)||]`` float32 of features ``[n, k+1]``.
+
+    1-Lipschitz: ``||c(f) - c(g)||^2 = ||f_h - g_h||^2 + (||f_t|| - ||g_t||)^2 <= ||f - g||^2``. Computed in
+    float64 and rounded once, ``||c^(f^) - c(f)|| <= ||f^ - f|| + 2^-23 ||f||`` (inside ``FEATURE_REL_ERROR``).
+    """
+    tail = np.sqrt(np.square(feats[:, m:], dtype=np.float64).sum(1))
+    return np.concatenate([feats[:, :m], tail[:, None].astype(np.float32)], 1)
+
+
+def squared_norms(feats: np.ndarray) -> np.ndarray:
+    """``||f_i||^2`` summed in float64, rounded once to float32 (relative error <= 2^-24)."""
+    return np.square(feats, dtype=np.float64).sum(1).astype(np.float32)
+
+
+def screen(queries: np.ndarray, rows: np.ndarray, rows_sq: np.ndarray, r2: float) -> np.ndarray:
+    """Sorted ``i`` with ``fl(||r_i||^2 - 2 q_b.r_i + ||q_b||^2) <= r2`` for some query ``b`` (float32).
+
+    Error of that float32 value vs ``||q_b - r_i||^2``: the dot product ``<= gamma_k |q||r|``, the rounded
+    squared norms ``<= 2^-24`` each, two additions ``<= 2^-24`` of at most ``2(||q||^2 + ||r||^2)`` each: in
+    all ``<= 2 gamma_{k+3} (||q||^2 + ||r||^2)``, the same bound as FAISS's, which
+    :func:`shield_db.projection.search_radius_sq` already enlarges ``r2`` by (twice).
+    """
+    q_sq = squared_norms(queries)[:, None]
+    found = []
+    for lo in range(0, len(rows), SCREEN_CHUNK_ROWS):
+        block = rows[lo:lo + SCREEN_CHUNK_ROWS]
+        d2 = queries @ block.T
+        d2 *= -2
+        d2 += rows_sq[lo:lo + len(block)]
+        d2 += q_sq
+        found.append(lo + np.flatnonzero((d2 <= np.float32(r2)).any(0)))
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
 
 class FeatureIndex:
     """Features of every stored row (dead rows included) in a ``faiss.IndexFlatL2``, plus the map ``f``."""
 
     def __init__(self, mu: np.ndarray, a: np.ndarray, index: faiss.Index, max_norm: float):
         self.mu, self.a, self.index, self.max_norm = mu, a, index, float(max_norm)
+        self._screen_arrays = None  # (features view, their squared norms, coarse features, theirs): built lazily
 
     @classmethod
     def empty(cls, mu: np.ndarray, a: np.ndarray) -> "FeatureIndex":
@@ -31,6 +81,7 @@ class FeatureIndex:
         """Append the features of rows ``x [n, ...]``."""
         feats, norms = features(x, self.mu, self.a)
         self.index.add(np.ascontiguousarray(feats))
+        self._screen_arrays = None  # the index may have moved its storage
         if len(norms):
             self.max_norm = max(self.max_norm, float(norms.max()))
 
@@ -40,8 +91,29 @@ class FeatureIndex:
         max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
         r2 = max(search_radius_sq(radius, float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
                                   max_feat_sq, feats.shape[1]) for n in norms)
-        _, _, ids = self.index.range_search(np.ascontiguousarray(feats), r2)
-        return np.unique(ids).astype(np.int64)
+        full, full_sq, coarse, coarse_sq = self.screen_arrays()
+        if coarse is None:
+            return screen(feats, full, full_sq, r2).astype(np.int64)
+        rows = screen(coarse_features(feats, COARSE_DIM), coarse, coarse_sq, r2)
+        return rows[screen(feats, full[rows], full_sq[rows], r2)].astype(np.int64)
+
+    def screen_arrays(self) -> tuple:
+        """The stored features (a view into the FAISS index), their squared norms, and the coarse pass's arrays
+        (``None`` when the features are too short for two passes to pay)."""
+        if self._screen_arrays is None:
+            n, d = self.rows, self.index.d
+            full = faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+            chunks = range(0, n, SCREEN_CHUNK_ROWS)
+            full_sq = np.concatenate([squared_norms(full[lo:lo + SCREEN_CHUNK_ROWS]) for lo in chunks]
+                                     or [np.zeros(0, np.float32)])
+            coarse = coarse_sq = None
+            if d > 2 * (COARSE_DIM + 1):
+                coarse = np.concatenate([coarse_features(full[lo:lo + SCREEN_CHUNK_ROWS], COARSE_DIM) for lo in chunks]
+                                        or [np.zeros((0, COARSE_DIM + 1), np.float32)])
+                coarse_sq = np.concatenate([squared_norms(coarse[lo:lo + SCREEN_CHUNK_ROWS]) for lo in chunks]
+                                           or [np.zeros(0, np.float32)])
+            self._screen_arrays = (full, full_sq, coarse, coarse_sq)
+        return self._screen_arrays
 
     def nearest_candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
         """``[B, k]`` rows nearest in feature space (a cheap upper bound for the exact nearest search)."""

@@ -37,8 +37,11 @@ def gamma(n: int, unit_roundoff: float) -> float:
 
 
 def check_feature_bound(dim: int) -> None:
-    """The derivation above holds while ``sqrt(3 gamma_{D+2}) + 2^-24 << FEATURE_REL_ERROR``."""
-    bound = math.sqrt(3 * gamma(dim + 2, 2.0 ** -53)) + 2.0 ** -24 + 8 * gamma(dim + 2, 2.0 ** -53)
+    """The derivation above holds while ``sqrt(3 gamma_{D+2}) + 2^-24 << FEATURE_REL_ERROR``.
+
+    ``2^-23`` more covers the coarse screening features' own rounding (``feature_index.coarse_features``).
+    """
+    bound = math.sqrt(3 * gamma(dim + 2, 2.0 ** -53)) + 2.0 ** -24 + 2.0 ** -23 + 8 * gamma(dim + 2, 2.0 ** -53)
     if bound > FEATURE_REL_ERROR / 2:
         raise ValueError(f"feature error bound {bound:.2e} too large for D={dim}")
 

@@ -1,0 +1,318 @@
+"""Exact range search on REAL images: shield_db vs FAISS IndexFlatL2 and IndexIVFFlat (nprobe 1, 2, 10), misses counted.
+
+Data: Fashion-MNIST (Debian package ``dataset-fashion-mnist``: ``apt-get install dataset-fashion-mnist``), pixels
+/ 255 stored as fp16 shields of shape 1x28x28 (784 dims). Up to 70,000 rows are the real train + test images; beyond
+that every image is repeated as augmented copies (shift by up to 2 px, horizontal flip, white noise of std 0.01),
+e.g. 1,000,000 rows = 70,000 images x 15 variants (the first is the image itself). Each batch: 8 queries = random
+stored rows + white noise of std 0.02; the radius is the median over 64 such queries of the distance to their 6th
+nearest shield (the query's own image and ~5 neighbours). Truth: float64 distances on a generous exact pass.
+
+Rows of the table, all in this one process, interleaved on the same batches (order rotated per batch):
+shield_db as built (its default feature map and screen), ablations of the screen (``faiss screen`` = the previous
+release's FAISS range search on the same features; other basis sizes ``k``), flat, IVF (nlist = sqrt N).
+``--diagnose`` also prints why the screen passes what it passes (energy captured, residual spread, candidates per
+query for k = 64/128/256, and how many rows exact k-means cell pruning by the triangle inequality would keep).
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m benchmarks.shield_db_real [--rows 60000] [--reps 9] [--diagnose]
+
+One thread per method keeps the comparison fair on a shared machine; "CPU ms" (process CPU time) is reported
+beside wall time because it is far less disturbed by other jobs.
+
+Everything lives under $SHIELD_DB_BENCH (default /tmp/shield_db_bench)/real-<rows>, never in the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from shield_db.database import ShieldDatabase
+from shield_db.feature_index import COARSE_DIM, FeatureIndex, coarse_features
+from shield_db.projection import FEATURE_REL_ERROR, features, fit_basis, search_radius_sq
+from shield_db.source import DatabaseShields
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+SHAPE = (1, 28, 28)
+DIM = 784
+QUERY_NOISE = 0.02
+COPY_NOISE = 0.01
+CHUNK = 65536
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = [(0, 0, False)] + [(dy, dx, f) for f in (False, True) for dy, dx in
+                              ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (0, 2))] + [(0, 0, True)]
+
+
+def real_images() -> np.ndarray:
+    """The 70,000 Fashion-MNIST images (train then test) as float32 in [0, 1], ``[n, 784]``."""
+    parts = []
+    for name in ("train", "t10k"):
+        path = DATA / f"{name}-images-idx3-ubyte.gz"
+        if not path.exists():
+            raise SystemExit(f"{path} missing: apt-get install dataset-fashion-mnist")
+        with gzip.open(path) as f:
+            parts.append(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, DIM))
+    return np.concatenate(parts).astype(np.float32) / 255
+
+
+def rows_of(images: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """fp16 rows ``start:stop`` of the (augmented) set: row ``i`` is image ``i % n``, variant ``i // n``."""
+    n = len(images)
+    idx = np.arange(start, stop)
+    out = images[idx % n].reshape(-1, 28, 28).copy()
+    variant = idx // n
+    for v in np.unique(variant):
+        if v == 0:
+            continue
+        dy, dx, flip = VARIANTS[v % len(VARIANTS)]
+        pick = variant == v
+        block = np.roll(out[pick], (dy, dx), axis=(1, 2))
+        out[pick] = block[:, :, ::-1] if flip else block
+        noise = np.random.default_rng(int(v) * 7919 + start).standard_normal(out[pick].shape).astype(np.float32)
+        out[pick] += COPY_NOISE * noise
+    return out.reshape(-1, *SHAPE).astype(np.float16)
+
+
+def build(root: Path, images: np.ndarray, rows: int) -> tuple[ShieldDatabase, float]:
+    db = ShieldDatabase(root / "db")
+    record = root / "build.json"
+    if db.exists() and record.exists():
+        return db, json.loads(record.read_text())["build_s"]
+    t0 = time.perf_counter()
+    with db.writer(item_shape=SHAPE, rebuild=True) as txn:
+        txn.commit_rows = CHUNK
+        for start in range(0, rows, CHUNK):
+            stop = min(rows, start + CHUNK)
+            txn.add_batch([f"fmnist/{i:07d}" for i in range(start, stop)], [f"{i:064x}" for i in range(start, stop)],
+                          rows_of(images, start, stop))
+    build_s = time.perf_counter() - t0
+    record.write_text(json.dumps({"build_s": build_s}))
+    return db, build_s
+
+
+def all_rows(snap) -> np.ndarray:
+    return np.concatenate([snap.read_rows(np.arange(lo, min(snap.rows, lo + CHUNK))).reshape(-1, DIM)
+                           for lo in range(0, snap.rows, CHUNK)])
+
+
+def make_queries(x16: np.ndarray, rng) -> np.ndarray:
+    pick = rng.choice(len(x16), 8, replace=False)
+    return np.ascontiguousarray(x16[pick].astype(np.float32) + QUERY_NOISE * rng.standard_normal((8, DIM)).astype(np.float32))
+
+
+def truth(flat, x16: np.ndarray, q: np.ndarray, radius: float) -> set:
+    _, _, rows = flat.range_search(q, (radius * 1.01) ** 2)
+    rows = np.unique(rows)
+    d = np.sqrt(((x16[rows].astype(np.float64)[None] - q.astype(np.float64)[:, None]) ** 2).sum(-1))
+    return set(rows[(d <= radius).any(0)].tolist())
+
+
+class FaissScreen(FeatureIndex):
+    """The previous release's screen (FAISS range search on the same features), for the ablation row."""
+
+    def candidates(self, queries, radius):
+        feats, norms = features(queries, self.mu, self.a)
+        max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
+        r2 = max(search_radius_sq(radius, float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
+                                  max_feat_sq, feats.shape[1]) for n in norms)
+        _, _, ids = self.index.range_search(np.ascontiguousarray(feats), r2)
+        return np.unique(ids).astype(np.int64)
+
+
+def index_of_dim(x16: np.ndarray, k: int, cls=FeatureIndex) -> FeatureIndex:
+    sample = np.sort(np.random.default_rng(0).choice(len(x16), min(len(x16), 8192), replace=False))
+    mu, a = fit_basis(x16[sample], k)
+    index = cls.empty(mu, a)
+    for lo in range(0, len(x16), CHUNK):
+        index.add(x16[lo:lo + CHUNK])
+    return index
+
+
+def diagnose(x16: np.ndarray, radius: float, rng) -> list[str]:
+    """Why the screen passes what it passes: energy captured, residual spread, candidates; cell pruning."""
+    q = np.concatenate([make_queries(x16, rng) for _ in range(8)])
+    lines = ["| k | energy captured | residual n: mean / std | candidates / query (median, mean) | union / batch of 8 |",
+             "|---|---|---|---|---|"]
+    for k in (64, 128, 256):
+        index = index_of_dim(x16, k)
+        full, _, _, _ = index.screen_arrays()
+        fq, _ = features(q, index.mu, index.a)
+        energy = float(np.square(full[:, :-1], dtype=np.float64).sum() / np.square(full, dtype=np.float64).sum())
+        per_query = [len(index.candidates(q[b:b + 1], radius)) for b in range(len(q))]
+        union = [len(index.candidates(q[b:b + 8], radius)) for b in range(0, len(q), 8)]
+        lines.append(f"| {k} | {energy:.3f} | {full[:, -1].mean():.2f} / {full[:, -1].std():.2f} | "
+                     f"{np.median(per_query):.0f}, {np.mean(per_query):.0f} | {np.median(union):.0f} |")
+        if k == 64:
+            lines_cells = cells(full, fq, radius)
+    return lines + [""] + lines_cells
+
+
+def cells(full: np.ndarray, fq: np.ndarray, radius: float) -> list[str]:
+    """Rows exact cell pruning keeps: k-means cells on the features, a cell is skipped when
+    ``||f(q) - c|| > R_c + r`` (stored cell radius ``R_c``), a row when ``| ||f(q) - c|| - ||f(z) - c|| | > r``."""
+    out = ["| cells (k-means) | cells touched / query | rows in touched cells | rows passing the annulus test |",
+           "|---|---|---|---|"]
+    n = len(full)
+    for c in (256, 1024, 4096):
+        if n < 39 * c:  # too few rows to train that many cells
+            continue
+        km = faiss.Kmeans(full.shape[1], c, niter=10, seed=1)
+        km.train(full[np.random.default_rng(1).choice(n, min(n, 40 * c), replace=False)])
+        _, label = km.index.search(full, 1)
+        label = label[:, 0]
+        dzc = np.linalg.norm(full - km.centroids[label], axis=1)
+        cell_r = np.zeros(c)
+        np.maximum.at(cell_r, label, dzc)
+        size = np.bincount(label, minlength=c)
+        dqc = np.sqrt(((fq[:, None, :].astype(np.float64) - km.centroids[None]) ** 2).sum(-1))
+        touched = dqc <= cell_r[None] + radius
+        in_cells = [size[t].sum() for t in touched]
+        annulus = [int(((np.abs(dqc[b, label] - dzc) <= radius) & touched[b, label]).sum()) for b in range(len(fq))]
+        out.append(f"| {c} | {np.median(touched.sum(1)):.0f} of {c} | {np.median(in_cells) / n:.1%} | "
+                   f"{np.median(annulus) / n:.1%} |")
+    return out
+
+
+def cells_of_database(index, x16: np.ndarray, radius: float) -> list[str]:
+    """Exact cell pruning measured on the database's own features: all ``k + 1`` and the coarse ``33``."""
+    rng = np.random.default_rng(13)
+    q = np.concatenate([make_queries(x16, rng) for _ in range(4)])
+    fq, _ = features(q, index.mu, index.a)
+    full, _, coarse, _ = index.screen_arrays()
+    out = []
+    for name, rows, fq_rows in ((f"all {full.shape[1]} features", full, fq),
+                                (f"coarse {COARSE_DIM + 1} features", coarse, coarse_features(fq, COARSE_DIM))):
+        if rows is not None:
+            out += [f"Cells on {name}:", ""] + cells(rows, fq_rows, radius) + [""]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=60000)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--dims", type=int, nargs="*", default=[128, 256], help="extra basis sizes (ablation rows)")
+    parser.add_argument("--diagnose", action="store_true")
+    parser.add_argument("--cells", action="store_true", help="only measure exact k-means cell pruning on the "
+                                                             "database's own features, then stop")
+    args = parser.parse_args()
+    root = Path(os.environ.get("SHIELD_DB_BENCH", "/tmp/shield_db_bench")) / f"real-{args.rows}"
+    root.mkdir(parents=True, exist_ok=True)
+    images = real_images()
+    if args.rows <= 60000:
+        images = images[:60000]
+    db, build_s = build(root, images, args.rows)
+    source = DatabaseShields(db.snapshot(check_sha=False))
+    snap = source.snapshot
+    x16 = all_rows(snap)
+    if args.cells:
+        rng = np.random.default_rng(7)  # the same probe queries, hence the same radius, as the timed run
+        probe = np.concatenate([make_queries(x16, rng) for _ in range(8)])
+        dist, _ = faiss.knn(probe, x16.astype(np.float32), 6)
+        radius = float(np.median(np.sqrt(dist[:, 5])))
+        lines = [f"{len(x16)} rows, radius {radius:.3f}, 32 queries", ""] + cells_of_database(snap.index, x16, radius)
+        print("\n".join(lines))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"shield_db_real_{args.rows}_cells.md").write_text("\n".join(lines) + "\n")
+        return
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatL2(DIM)
+    for lo in range(0, len(x16), CHUNK):
+        flat.add(x16[lo:lo + CHUNK].astype(np.float32))
+    flat_build = time.perf_counter() - t0
+    rng = np.random.default_rng(7)
+    probe = np.concatenate([make_queries(x16, rng) for _ in range(8)])
+    dist, _ = flat.search(probe, 6)
+    radius = float(np.median(np.sqrt(dist[:, 5])))
+    nlist = int(round(len(x16) ** 0.5))
+    t0 = time.perf_counter()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(DIM), DIM, nlist)
+    ivf.cp.niter = 10
+    ivf.train(x16[np.random.default_rng(1).choice(len(x16), min(len(x16), 40 * nlist), replace=False)].astype(np.float32))
+    for lo in range(0, len(x16), CHUNK):
+        ivf.add(x16[lo:lo + CHUNK].astype(np.float32))
+    ivf_build = time.perf_counter() - t0
+    own = snap.index
+    variants = {f"shield_db (k={own.a.shape[1]})": own}
+    t0 = time.perf_counter()
+    variants[f"  faiss screen (k={own.a.shape[1]})"] = FaissScreen(own.mu, own.a, own.index, own.max_norm)
+    builds = {name: build_s for name in variants}
+    for k in args.dims:
+        t0 = time.perf_counter()
+        variants[f"  k={k}"] = index_of_dim(x16, k)
+        builds[f"  k={k}"] = time.perf_counter() - t0
+        if k == 64:  # the previous release: 64 directions, FAISS range search
+            v = variants[f"  k={k}"]
+            variants["  k=64, faiss screen (previous release)"] = FaissScreen(v.mu, v.a, v.index, v.max_norm)
+            builds["  k=64, faiss screen (previous release)"] = builds[f"  k={k}"]
+    methods = list(variants) + ["flat", "ivf1", "ivf2", "ivf10"]
+    stats = {m: {"t": [], "cpu": [], "found": 0, "extra": 0, "cand": []} for m in methods}
+    n_true = 0
+    for rep in range(args.reps):
+        q = make_queries(x16, rng)
+        ref = truth(flat, x16, q, radius)
+        n_true += len(ref)
+        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+            if m in variants:
+                snap.index = variants[m]
+                c0, t0 = time.process_time(), time.perf_counter()
+                found = source.within_rows(torch.from_numpy(q), radius)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                stats[m]["cand"].append(len(variants[m].candidates(q, radius)))
+            elif m == "flat":
+                c0, t0 = time.process_time(), time.perf_counter()
+                _, _, found = flat.range_search(q, radius * radius)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            else:
+                ivf.nprobe = int(m[3:])
+                c0, t0 = time.process_time(), time.perf_counter()
+                _, _, found = ivf.range_search(q, radius * radius)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            found = set(np.asarray(found).tolist())
+            stats[m]["t"].append(dt)
+            stats[m]["cpu"].append(cpu)
+            stats[m]["found"] += len(found & ref)
+            stats[m]["extra"] += len(found - ref)
+        print(f"rep {rep}: {len(ref)} true hits; " + ", ".join(f"{m.strip()} {1e3 * stats[m]['t'][-1]:.1f}ms" for m in methods),
+              flush=True)
+    snap.index = own
+    med = {m: float(np.median(stats[m]["t"])) for m in methods}
+    cpu = {m: float(np.median(stats[m]["cpu"])) for m in methods}
+    names = {"flat": "flat (`IndexFlatL2`)", "ivf1": f"IVF nprobe 1 (nlist {nlist})", "ivf2": "IVF nprobe 2",
+             "ivf10": "IVF nprobe 10"}
+    lines = ["| method | recall | missed | ms / batch of 8 (median) | x flat | CPU ms / batch | x flat (CPU) | "
+             "candidates / batch | build s |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        build_time = builds.get(m, flat_build if m == "flat" else ivf_build)
+        cand = f"{np.median(stats[m]['cand']):.0f}" if stats[m]["cand"] else ""
+        lines.append(f"| {names.get(m, m)} | {stats[m]['found'] / max(1, n_true):.3f} | {n_true - stats[m]['found']} | "
+                     f"{1e3 * med[m]:.1f} | {med['flat'] / med[m]:.1f} | {1e3 * cpu[m]:.1f} | {cpu['flat'] / cpu[m]:.1f} | "
+                     f"{cand} | {build_time:.1f} |")
+    table = "\n".join(lines)
+    header = (f"{len(x16)} rows x {DIM} dims, radius {radius:.3f}, {args.reps} batches of 8, {n_true} true hits, "
+              f"load average {os.getloadavg()[0]:.1f}")
+    print(header)
+    print(table)
+    out = [header, "", table]
+    if args.diagnose:
+        diag = diagnose(x16, radius, np.random.default_rng(11))
+        print("\n".join(diag))
+        out += ["", *diag]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"shield_db_real_{args.rows}.md").write_text("\n".join(out) + "\n")
+    (RESULTS / f"shield_db_real_{args.rows}.json").write_text(json.dumps(
+        {"rows": len(x16), "radius": radius, "true_hits": n_true, "median_s": med,
+         "per_batch_s": {m: stats[m]["t"] for m in methods}, "cpu_median_s": cpu,
+         "per_batch_cpu_s": {m: stats[m]["cpu"] for m in methods}, "found": {m: stats[m]["found"] for m in methods},
+         "extra": {m: stats[m]["extra"] for m in methods}, "candidates": {m: stats[m]["cand"] for m in methods},
+         "build_s": {**builds, "flat": flat_build, "ivf": ivf_build}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

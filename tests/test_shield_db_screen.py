@@ -1,0 +1,123 @@
+"""shield_db's two-pass feature screen: exact against float64 brute force (random, clustered, at the radius,
+duplicates), the coarse map never lengthens a distance, and databases indexed with another basis size still work."""
+import numpy as np
+import pytest
+import torch
+
+from shield_db.database import ShieldDatabase
+from shield_db.feature_index import COARSE_DIM, coarse_features, screen, squared_norms
+from shield_db.source import DatabaseShields
+
+SHAPE = (4, 8, 8)  # 256 dims
+
+
+def make_db(tmp_path, data, index_dim, name="db"):
+    db = ShieldDatabase(tmp_path / name)
+    with db.writer(item_shape=data.shape[1:]) as txn:
+        txn.index_dim = index_dim
+        txn.add_batch([f"s{i}" for i in range(len(data))], [f"{i:064x}" for i in range(len(data))], data)
+    return db
+
+
+def brute_within(data, queries, radius):
+    z = torch.from_numpy(data.astype(np.float64)).reshape(len(data), -1)
+    q = queries.double().reshape(len(queries), -1)
+    d = ((q[:, None] - z[None]) ** 2).sum(-1).sqrt()
+    return np.nonzero((d <= radius).any(0).numpy())[0], d
+
+
+def real_like(n, seed=0):
+    """Image-like rows: a slowly decaying spectrum (most energy outside any 32 leading directions)."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.sqrt(1.0 + np.arange(256))
+    basis = np.linalg.qr(rng.standard_normal((256, 256)))[0]
+    return ((rng.standard_normal((n, 256)) * scale) @ basis.T * 4).reshape(n, *SHAPE).astype(np.float16)
+
+
+def clustered(n, seed=0, clusters=12):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, *SHAPE)) * 3
+    low = rng.standard_normal((n, 4, 2, 2)).repeat(4, 2).repeat(4, 3)
+    return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *SHAPE))).astype(np.float16)
+
+
+def test_coarse_features_never_lengthen_a_distance():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((400, 129)).astype(np.float32) * rng.uniform(0.01, 10, (400, 1)).astype(np.float32)
+    g = f[rng.permutation(400)]
+    g[:100] = f[:100] + 1e-3 * rng.standard_normal((100, 129)).astype(np.float32)  # near pairs too
+    c_f, c_g = coarse_features(f, COARSE_DIM).astype(np.float64), coarse_features(g, COARSE_DIM).astype(np.float64)
+    assert c_f.shape == (400, COARSE_DIM + 1)
+    coarse = np.linalg.norm(c_f - c_g, axis=1)
+    full = np.linalg.norm(f.astype(np.float64) - g.astype(np.float64), axis=1)
+    norms = np.linalg.norm(f.astype(np.float64), axis=1) + np.linalg.norm(g.astype(np.float64), axis=1)
+    assert (coarse <= full + 2.0 ** -22 * norms).all()  # rounding of the coarse map: 2^-23 ||f|| each
+    assert np.allclose(np.linalg.norm(c_f, axis=1), np.linalg.norm(f.astype(np.float64), axis=1), rtol=1e-6)
+
+
+def test_screen_keeps_every_row_within_the_radius_in_float64():
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((5000, 33)).astype(np.float32)
+    q = rows[:8] + 0.1 * rng.standard_normal((8, 33)).astype(np.float32)
+    exact = np.sqrt(((q.astype(np.float64)[:, None] - rows.astype(np.float64)[None]) ** 2).sum(-1))
+    r2 = float(np.sort(exact, 1)[:, 30].max()) ** 2
+    got = screen(q, rows, squared_norms(rows), r2 * (1 + 1e-5))
+    expect = np.nonzero((exact ** 2 <= r2).any(0))[0]
+    assert set(expect) <= set(got) and len(got) < len(rows)
+    assert np.array_equal(got, np.sort(got))
+
+
+@pytest.mark.parametrize("index_dim", [8, 128])  # one pass (9 features) and two passes (129 features)
+@pytest.mark.parametrize("kind", ["random", "clustered", "real_like"])
+def test_range_search_equals_brute_force(tmp_path, kind, index_dim):
+    data = {"random": lambda: np.random.default_rng(1).standard_normal((2000, *SHAPE)).astype(np.float16),
+            "clustered": lambda: clustered(2000), "real_like": lambda: real_like(2000)}[kind]()
+    src = DatabaseShields(make_db(tmp_path, data, index_dim).snapshot(), small_set_rows=0)
+    index = src.snapshot.index
+    assert index.a.shape[1] == index_dim and (index.screen_arrays()[2] is not None) == (index_dim == 128)
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.from_numpy(data[:8].astype(np.float32)) + 0.05 * torch.randn(8, *SHAPE, generator=gen)
+    _, dist = brute_within(data, queries, 0)
+    pruned = 0
+    for k in (1, 2, 5, 40, 400):
+        radius = float(dist.sort(1).values[:, k - 1].max())
+        expect, _ = brute_within(data, queries, radius)
+        assert np.array_equal(src.within_rows(queries, radius), expect), (kind, k)
+        cand = index.candidates(queries.numpy().reshape(8, -1), radius)
+        assert set(expect.tolist()) <= set(cand.tolist())
+        pruned = max(pruned, len(data) - len(cand))
+    assert pruned > 0
+
+
+def test_points_exactly_at_the_radius_and_duplicates(tmp_path):
+    base = real_like(1500, seed=5)
+    data = np.concatenate([base, np.repeat(base[[7]], 6, 0), np.repeat(base[[9]], 3, 0)])  # rows 1500-1508 duplicate
+    src = DatabaseShields(make_db(tmp_path, data, 128).snapshot(), small_set_rows=0)
+    assert src.snapshot.index.screen_arrays()[2] is not None
+    q = torch.from_numpy(data[[7, 9]].astype(np.float32))
+    q[0, 1, 2, 3] += 2.0  # exactly 2.0 from shield 7 and its 6 copies (fp16 + 2 is exact in float32)
+    q[1, 3, 7, 0] -= 2.0
+    exact = ((q.double() - torch.from_numpy(data[[7, 9]].astype(np.float64))) ** 2).sum((1, 2, 3)).sqrt()
+    assert exact.tolist() == [2.0, 2.0]
+    rows = src.within_rows(q, 2.0)
+    assert {7, 9, *range(1500, 1509)} <= set(rows.tolist())
+    assert np.array_equal(rows, brute_within(data, q, 2.0)[0])
+    inside = src.within_rows(q[:1], 2.0 * (1 - 1e-6))
+    assert 7 not in inside and np.array_equal(inside, brute_within(data, q[:1], 2.0 * (1 - 1e-6))[0])
+
+
+def test_database_indexed_with_another_basis_size_is_searched_then_refitted(tmp_path):
+    data = real_like(1200, seed=6)
+    db = make_db(tmp_path, data, 16)  # as an older release (another default) left it
+    q = torch.from_numpy(data[:4].astype(np.float32)) + 0.05
+    radius = float(brute_within(data, q, 0)[1].sort(1).values[:, 4].max())
+    old = DatabaseShields(db.snapshot(), small_set_rows=0)
+    assert old.snapshot.index.a.shape[1] == 16
+    assert np.array_equal(old.within_rows(q, radius), brute_within(data, q, radius)[0])
+    with db.writer() as txn:
+        txn.index_dim = 128
+        txn.add_batch(["extra"], ["f" * 64], data[:1] + np.float16(0.5))
+    new = DatabaseShields(db.snapshot(), small_set_rows=0)
+    assert new.snapshot.index.a.shape[1] == 128 and new.snapshot.index.rows == 1201
+    both = np.concatenate([data, data[:1] + np.float16(0.5)])
+    assert np.array_equal(new.within_rows(q, radius), brute_within(both, q, radius)[0])
