@@ -58,7 +58,7 @@ from guidance.coupling import couple_noise, lift, project  # noqa: E402
 from guidance.eddy_drift import eddy_drift  # noqa: E402
 from guidance.embeddings import make_embedding  # noqa: E402
 from guidance.kernels import median_pairwise_distance  # noqa: E402
-from guidance.metrics import knn_precision_recall, vendi_score  # noqa: E402
+from evaluation.metrics import knn_precision_recall, vendi_score  # noqa: E402
 from guidance.particle import particle_guidance  # noqa: E402
 from guidance.sampling import SpellWrapper, sample, sample_consistency  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 
 from ..guidance import history as spell_history
 from ..guidance import spell
-from ..guidance.report import OutputRecord, SpellReport, step_record
+from ..reporting.report import OutputRecord, SpellReport, step_record
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
 from .hooks import WRAPPERS, SigmaWindow, check_percents
