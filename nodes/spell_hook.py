@@ -182,7 +182,8 @@ class SpellPatch:
         self._resized: dict = {}   # shield set resized per latent shape (hires passes), kept across runs
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options: keep one patch (settings, shields, report) shared.
+        # ComfyUI 0.3.x's ModelPatcher.clone() deep-copies model_options (later releases copy only dicts and
+        # lists): keep one patch (settings, shields, report) shared either way.
         return self
 
     def apply(self, model_patcher):

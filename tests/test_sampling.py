@@ -140,7 +140,7 @@ def terrain_or_skip():
 
 
 def test_terrain_labels_and_renderer_without_the_model():
-    from benchmarks.terrain_model import difficulty_labels, render, to_heights
+    from demo.terrain_model import difficulty_labels, render, to_heights
     assert difficulty_labels(1, 2).tolist() == [0.0, 0.0] and difficulty_labels([100], 1).tolist() == [1.0]
     with pytest.raises(ValueError, match="1..100"):
         difficulty_labels(0, 1)
