@@ -132,7 +132,7 @@ def test_step_schedule():
 # ----------------------------------------------------------------------------- the demo's terrain model
 
 def terrain_or_skip():
-    from benchmarks import terrain_model
+    from demo import terrain_model
     reason = terrain_model.unavailable_reason()
     if reason:
         pytest.skip(f"terrain model absent: {reason}")
