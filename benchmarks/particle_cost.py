@@ -2,7 +2,7 @@
 
     python benchmarks/particle_cost.py [--rounds 3]
 
-(1) Real model: the terrain consistency UNet of ``adaptive-terrain-diffusion`` (``benchmarks/terrain_model.py``,
+(1) Real model: the terrain consistency UNet of ``adaptive-terrain-diffusion`` (``demo/terrain_model.py``,
 ONNX on CPU, 128x128x1, batch 16). One "step" = one denoiser call plus the step's guidance work: plain = a
 fresh ``randn`` draw, PG = the repulsion, EDDY = one fresh draw correlated by the prediction's kernel (what an
 ancestral/SDE step costs with EDDY), EDDY drift = the paper-form drift. The variants are interleaved round by
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
 
-from benchmarks.terrain_model import TerrainDenoiser, unavailable_reason  # noqa: E402
+from demo.terrain_model import TerrainDenoiser, unavailable_reason  # noqa: E402
 from guidance.eddy import blend, eddy_noise  # noqa: E402
 from guidance.coupling import couple_noise  # noqa: E402
 from guidance.eddy_drift import eddy_drift  # noqa: E402

@@ -1,7 +1,7 @@
 """Diversity vs fidelity on the pretrained terrain consistency UNet: particle guidance, EDDY, SPELL intra-batch.
 
 The SPELL paper's Fig. 4 trade-off on a real model we can run on CPU: ``adaptive-terrain-diffusion`` 0.4.2's
-EDM consistency UNet (128x128 heightmaps, ``benchmarks/terrain_model.py``), multistep consistency sampling
+EDM consistency UNet (128x128 heightmaps, ``demo/terrain_model.py``), multistep consistency sampling
 (denoise, re-noise) on sigmas 80 -> 30 -> 10 -> 0 (``guidance.sampling.sample(..., sampler="consistency")``),
 batches of 8, the same seeds for every setting. Guidance edits the prediction ``D`` of every step:
 
@@ -52,13 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
 
 from benchmarks.spell_diversity_terrain import inception, inception_features  # noqa: E402
-from benchmarks.terrain_model import TerrainDenoiser, render  # noqa: E402
+from demo.terrain_model import TerrainDenoiser, render  # noqa: E402
 from guidance.eddy import blend, eddy_noise  # noqa: E402
 from guidance.coupling import couple_noise, lift, project  # noqa: E402
 from guidance.eddy_drift import eddy_drift  # noqa: E402
 from guidance.embeddings import make_embedding  # noqa: E402
 from guidance.kernels import median_pairwise_distance  # noqa: E402
-from guidance.metrics import knn_precision_recall, vendi_score  # noqa: E402
+from evaluation.metrics import knn_precision_recall, vendi_score  # noqa: E402
 from guidance.particle import particle_guidance  # noqa: E402
 from guidance.sampling import SpellWrapper, sample, sample_consistency  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
 
-from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser  # noqa: E402
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser  # noqa: E402
 from guidance.sampling import SpellWrapper, sample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
 
-from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render  # noqa: E402
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render  # noqa: E402
 from guidance.kernels import median_pairwise_distance  # noqa: E402
-from guidance.metrics import knn_precision_recall, vendi_score  # noqa: E402
+from evaluation.metrics import knn_precision_recall, vendi_score  # noqa: E402
 from guidance.sampling import SpellWrapper, sample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,6 +1,6 @@
 """Protection (SPELL paper Table 2, made exact): a memorising model with its training images as shields.
 
-Model: the exact empirical-score denoiser over MNIST training images (``guidance.empirical``), which can
+Model: the exact empirical-score denoiser over MNIST training images (``evaluation.empirical``), which can
 only reproduce training images. Shields: all of them, or a random half. Sampler: Euler, EDM (Karras)
 sigmas in [0.002, 80], rho 7. Reported per setting: % of outputs strictly inside a shield (L2 < r), %
 within 1.0 (L2, pixels in [-1, 1]) of an *unshielded* training image (= a valid, allowed digit), % that a
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # script: make the repo's guidance package importable
 
-from guidance.empirical import EmpiricalDenoiser  # noqa: E402
+from evaluation.empirical import EmpiricalDenoiser  # noqa: E402
 from guidance.sampling import SpellWrapper, karras_sigmas, sample  # noqa: E402
 from guidance.shields import TensorShields  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Protection demo: a model that memorises MNIST, half of its training images protected, with and without SPELL.
 
-The model is the exact denoiser of its training set (``guidance.empirical``): every sample it draws ends on a
+The model is the exact denoiser of its training set (``evaluation.empirical``): every sample it draws ends on a
 training image, so without SPELL about half the outputs are copies of protected images. SPELL, with the protected
 half as shields, pushes every prediction that comes within the radius of a protected image back out; the model then
 lands on an unprotected training image or somewhere new. Same seeds in both rows.
@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from demo.drawing import GREEN, RED, GREY, font, framed_tile
-from guidance.empirical import EmpiricalDenoiser
+from evaluation.empirical import EmpiricalDenoiser
 from guidance.sampling import SpellWrapper, karras_sigmas, sample
 from guidance.shields import TensorShields
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render, unavailable_reason
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render, unavailable_reason
 from demo import protection_demo
 from demo.drawing import ORANGE, font, framed_tile
 from demo.mnist_data import load_train_images, mnist_folder

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser
 from guidance.kernels import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
 

@@ -89,7 +89,8 @@ class DngSession:
         self.trace = DngTrace.for_params(params)
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options; a downstream clone must keep filling this trace.
+        # ComfyUI 0.3.x's ModelPatcher.clone() deep-copies model_options (later releases copy only dicts and
+        # lists): a downstream clone must keep filling this trace.
         return self
 
     # -- installation --------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class NoisePatch:
         self.run = None
 
     def __deepcopy__(self, memo):
-        """``ModelPatcher.clone()`` copies model_options: share this patch (its run lives inside the wrapper)."""
+        """Shared by every clone (ComfyUI 0.3.x deep-copies model_options); its run lives inside the wrapper."""
         return self
 
     def __call__(self, args):

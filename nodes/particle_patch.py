@@ -37,7 +37,7 @@ class PredictionPatch:
         self.key = f"shielded_particle_{id(self)}"
 
     def __deepcopy__(self, memo):
-        """``ModelPatcher.clone()`` copies model_options: share this immutable patch (and its log flag)."""
+        """Shared by every clone (ComfyUI 0.3.x deep-copies model_options): one patch and one log flag."""
         return self
 
     def __call__(self, args):

@@ -8,7 +8,7 @@ import torch
 
 import nodes as comfy_nodes
 
-from ..guidance import plots
+from ..reporting import plots
 from .shield_set import SHIELD_SET
 
 LOG = logging.getLogger("shielded_sampling")

@@ -25,7 +25,7 @@ import torch
 
 from ..guidance import history as spell_history
 from ..guidance import spell
-from ..guidance.report import OutputRecord, SpellReport, step_record
+from ..reporting.report import OutputRecord, SpellReport, step_record
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
 from .hooks import WRAPPERS, SigmaWindow, check_percents
@@ -182,7 +182,8 @@ class SpellPatch:
         self._resized: dict = {}   # shield set resized per latent shape (hires passes), kept across runs
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options: keep one patch (settings, shields, report) shared.
+        # ComfyUI 0.3.x's ModelPatcher.clone() deep-copies model_options (later releases copy only dicts and
+        # lists): keep one patch (settings, shields, report) shared either way.
         return self
 
     def apply(self, model_patcher):

@@ -6,7 +6,7 @@ import logging
 from ..guidance import history as spell_history
 from .ksampler_core import ksampler_inputs, sample_latent
 from .shield_set import SHIELD_SET, ShieldSet
-from ..guidance.report import INSIDE_RTOL
+from ..reporting.report import INSIDE_RTOL
 from .spell_hook import INIT_CHOICES, INIT_LEAVE, SpellPatch, SpellSettings
 
 LOG = logging.getLogger("shielded_sampling")

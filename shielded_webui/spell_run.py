@@ -13,7 +13,7 @@ import math
 import torch
 
 from guidance import history, spell
-from guidance.report import INSIDE_RTOL, OutputRecord, SpellReport, step_record
+from reporting.report import INSIDE_RTOL, OutputRecord, SpellReport, step_record
 from guidance.shields import AffineShields, ConcatShields, ExcludedShields
 
 from .settings import SCRIPT, DEFAULT_HISTORY_CAP, INIT_EXCLUDE, ShieldedSettings, raw_radius

@@ -193,7 +193,7 @@ class ShieldedProcessing:
     def postprocess(self, p, processed):
         if not self.settings.activity_chart:
             return
-        from guidance.plots import activity_chart
+        from reporting.plots import activity_chart
         for run in (r for r in self.runs if r.evaluations):
             image = activity_chart(run.report).image.convert("RGB")
             processed.images.append(image)

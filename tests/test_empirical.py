@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from guidance.empirical import EmpiricalDenoiser
+from evaluation.empirical import EmpiricalDenoiser
 
 
 def data(n=50, d=16, seed=0):

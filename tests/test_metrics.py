@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.metrics import knn_precision_recall, vendi_score
+from evaluation.metrics import knn_precision_recall, vendi_score
 
 pytest.importorskip("vendi_score", reason="vendi-score not installed (pip install vendi-score==0.0.3 prdc==0.2)")
 pytest.importorskip("prdc", reason="prdc not installed (pip install vendi-score==0.0.3 prdc==0.2)")

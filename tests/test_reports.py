@@ -1,12 +1,12 @@
-"""Report figures (guidance.plots) drawn from known report objects: sizes, plot pixels, legend numbers."""
+"""Report figures (reporting.plots) drawn from known report objects: sizes, plot pixels, legend numbers."""
 import math
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from guidance import plots
-from guidance.report import OutputRecord, SpellReport, StepRecord
+from reporting import plots
+from reporting.report import OutputRecord, SpellReport, StepRecord
 
 CORRECTED = [4, 4, 3, 2, 0, 1, 0, 0]
 RELATIVE = [[0.10, 0.20, 0.05, 0.05], [0.05, 0.05, 0.05, 0.05], [0.0, 0.1, 0.1, 0.1], [0.0, 0.0, 0.25, 0.05],

@@ -132,7 +132,7 @@ def test_step_schedule():
 # ----------------------------------------------------------------------------- the demo's terrain model
 
 def terrain_or_skip():
-    from benchmarks import terrain_model
+    from demo import terrain_model
     reason = terrain_model.unavailable_reason()
     if reason:
         pytest.skip(f"terrain model absent: {reason}")
@@ -140,7 +140,7 @@ def terrain_or_skip():
 
 
 def test_terrain_labels_and_renderer_without_the_model():
-    from benchmarks.terrain_model import difficulty_labels, render, to_heights
+    from demo.terrain_model import difficulty_labels, render, to_heights
     assert difficulty_labels(1, 2).tolist() == [0.0, 0.0] and difficulty_labels([100], 1).tolist() == [1.0]
     with pytest.raises(ValueError, match="1..100"):
         difficulty_labels(0, 1)

@@ -31,7 +31,7 @@ def latent_preview(latent_format, latents):
 def spell_figures(nodes, model, out: Path):
     spell_nodes = h.pack_submodule("nodes.spell_nodes")
     calibration = h.pack_submodule("nodes.calibration_nodes")
-    plots = h.pack_submodule("guidance.plots")
+    plots = h.pack_submodule("reporting.plots")
     fmt = model.model.latent_format
     plain = h.ksample(nodes, model, h.empty_latent(6, SIZE), seed=11, steps=STEPS)["samples"]
     median, radius, _ = calibration.SpellRadiusCalibration().calibrate({"samples": plain}, 1.0, model)["result"]
@@ -49,7 +49,7 @@ def spell_figures(nodes, model, out: Path):
 
 def dng_figure(model, nodes, out: Path):
     dng_nodes = h.pack_submodule("nodes.dng_nodes")
-    plots = h.pack_submodule("guidance.plots")
+    plots = h.pack_submodule("reporting.plots")
     patched, trace = dng_nodes.DynamicNegativeGuidance().apply(
         model, concept=h.conditioning(3), scale=10.0, prior=0.01, temperature=0.2, offset=0.002, p_max=0.9,
         p_min=1e-6, start_percent=0.0, end_percent=1.0, mode="dynamic")
