@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shield_db import manifest  # noqa: E402
-from shield_db.database import ShieldDatabase, Snapshot  # noqa: E402
+from shield_db.database import ShieldDatabase  # noqa: E402
+from shield_db.snapshot import Snapshot  # noqa: E402
 from shield_db.source import DatabaseShields  # noqa: E402
 
 ITEM_SHAPE = (4, 32, 32)

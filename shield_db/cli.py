@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from . import manifest
-from .database import ShieldDatabase, Snapshot, maintenance_owed
+from .database import ShieldDatabase
+from .snapshot import Snapshot
+from .transaction import maintenance_owed
 from .errors import DatabaseLockedError, ShieldDatabaseError
 from .folder import CACHE_DIR, database_folder, sync_folder
 from .images import RESIZE_MODES

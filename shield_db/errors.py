@@ -12,9 +12,9 @@ class CorruptDatabaseError(ShieldDatabaseError):
     def __init__(self, database: str, file: str, reason: str):
         self.database, self.file, self.reason = str(database), str(file), reason
         super().__init__(
-            f"shield database {self.database}: {self.file} is corrupt ({reason}). Rebuild it: set the "
-            f"Shield Set Loader's 'rebuild' input to true, or run `python -m shield_db build --rebuild ...`, "
-            f"or delete the folder {self.database}.")
+            f"shield database {self.database}: {self.file} is corrupt ({reason}). Rebuild it (ComfyUI: the "
+            f"Shield Set Loader's 'rebuild' input; command line: `python -m shield_db build --rebuild ...`) or "
+            f"delete the folder {self.database}; the images are encoded again on the next load.")
 
 
 class DatabaseLockedError(ShieldDatabaseError):

@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from . import manifest
-from .database import MTIME, SHA, SIZE, SOURCE, ShieldDatabase
+from .database import ShieldDatabase
+from .manifest import MTIME, SHA, SIZE, SOURCE
 from .lock import database_lock
 from .images import IMAGE_EXTENSIONS, FileChanged, UnusableImage, decode_for_encode, read_file, thumbnail
 from .paths import check_cache_folder, unreadable_reason

@@ -12,6 +12,8 @@ from .storage import write_bytes_atomic
 FORMAT = "shield_db"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The fields of one manifest item ``[source, sha256, row, size, mtime_ns]``, named once for every module.
+SOURCE, SHA, ROW, SIZE, MTIME = range(5)
 REQUIRED_KEYS = ("format", "format_version", "item_shape", "latent_channels", "dtype", "shards", "items",
                  "free_rows", "skipped", "index", "next_file_id", "vae_fingerprint", "target", "thumbnail_size")
 
@@ -81,4 +83,4 @@ def row_count(body: dict) -> int:
 
 def live_rows(body: dict) -> list[int]:
     """Sorted distinct rows referenced by at least one item."""
-    return sorted({int(item[2]) for item in body["items"]})  # item = [source, sha256, row, size, mtime_ns]
+    return sorted({int(item[ROW]) for item in body["items"]})

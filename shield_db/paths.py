@@ -2,6 +2,8 @@
 resolve inside those roots, and a cache folder with no links in it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import os
 import stat
 from pathlib import Path
@@ -31,22 +33,32 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def resolve_folder(folder: str, roots: list[Path], allowed: list[Path], allow_list_hint: str = "") -> Path:
+@dataclass(frozen=True)
+class FolderInput:
+    """How the caller's messages name the folder input and where relative names may live."""
+
+    field: str = "Shield Set Loader: input 'folder'"
+    places: str = "input/ or models/shields/"
+
+
+def resolve_folder(folder: str, roots: list[Path], allowed: list[Path], allow_list_hint: str = "",
+                   names: FolderInput = FolderInput()) -> Path:
     """Resolve ``folder`` (relative to one of ``roots``, or absolute inside ``allowed``) to an existing directory.
 
-    Symlinks and ``..`` are resolved first, so nothing escapes the roots. Raises ``ValueError`` naming the input.
+    Symlinks and ``..`` are resolved first, so nothing escapes the roots. Raises ``ValueError`` naming the input
+    as ``names.field``.
     """
     text = (folder or "").strip()
     if not text:
-        raise ValueError("Shield Set Loader: input 'folder' is empty; give a folder name under input/ or models/shields/")
+        raise ValueError(f"{names.field} is empty; give a folder name under {names.places}")
     given = Path(text).expanduser()
     if given.is_absolute():
         real = given.resolve()
         ok = [r for r in allowed if _inside(real, Path(r).resolve())]
         if not ok:
-            raise ValueError(f"Shield Set Loader: input 'folder' {text!r} is an absolute path outside the allowed roots "
+            raise ValueError(f"{names.field} {text!r} is an absolute path outside the allowed roots "
                              f"{[str(a) for a in allowed]}; add it to the allow-list ({allow_list_hint}) or use a folder "
-                             f"under input/ or models/shields/")
+                             f"under {names.places}")
         candidates = [real]
     else:
         candidates = []
@@ -56,11 +68,11 @@ def resolve_folder(folder: str, roots: list[Path], allowed: list[Path], allow_li
             if _inside(real, real_root):
                 candidates.append(real)
         if not candidates:
-            raise ValueError(f"Shield Set Loader: input 'folder' {text!r} leaves its root folder ({[str(r) for r in roots]})")
+            raise ValueError(f"{names.field} {text!r} leaves its root folder ({[str(r) for r in roots]})")
     for path in candidates:
         if path.is_dir():
             return path
-    raise ValueError(f"Shield Set Loader: input 'folder' {text!r} is not a directory under {[str(r) for r in roots]}"
+    raise ValueError(f"{names.field} {text!r} is not a directory under {[str(r) for r in roots]}"
                      + ("" if not given.is_absolute() else " (absolute path not found)"))
 
 

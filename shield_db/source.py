@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from .database import Snapshot
+from .snapshot import Snapshot
 from .projection import gamma
 
 DEFAULT_SMALL_SET_ROWS = 4096

@@ -16,7 +16,7 @@ import torch
 
 from shield_db.database import ShieldDatabase
 from shield_db.folder import sync_folder
-from shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, read_allow_list, resolve_folder
+from shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, FolderInput, read_allow_list, resolve_folder
 from shield_db.source import DatabaseShields
 from shield_db.vae import vae_encoder, vae_fingerprint
 
@@ -34,11 +34,11 @@ class Roots:
 
     def resolve(self, folder: str) -> Path:
         hint = f"{self.allow_list_file} or ${ALLOWED_ROOTS_ENV}"
+        names = FolderInput(field=f"{SCRIPT}: 'Shield folder'", places="models/shields/")
         try:
-            return resolve_folder(folder, self.shields, read_allow_list(self.allow_list_file), hint)
+            return resolve_folder(folder, self.shields, read_allow_list(self.allow_list_file), hint, names)
         except ValueError as err:
-            raise SettingsError(str(err).replace("Shield Set Loader: input 'folder'", f"{SCRIPT}: 'Shield folder'")
-                                .replace("input/ or models/shields/", "models/shields/")) from err
+            raise SettingsError(str(err)) from err
 
 
 def webui_roots() -> Roots:

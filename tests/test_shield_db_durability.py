@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from shield_db import checksums
-from shield_db.database import ShieldDatabase, Transaction
+from shield_db.database import ShieldDatabase
+from shield_db.transaction import Transaction
 from shield_db.errors import CorruptDatabaseError, ShieldDatabaseError
 from shield_db.folder import sync_folder
 from shield_db.lock import database_lock

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from shield_db import images, manifest
-from shield_db.database import SHA, SIZE, SOURCE, ShieldDatabase
+from shield_db.database import ShieldDatabase
+from shield_db.manifest import SHA, SIZE, SOURCE
 from shield_db.folder import database_folder, sync_folder
 from shield_db.images import FileChanged, UnusableImage, decode_for_encode, load_for_encode, read_file
 from shield_db.paths import UnsafeCacheError

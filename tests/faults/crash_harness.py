@@ -43,7 +43,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 from shield_db import checksums  # noqa: E402
 from shield_db.cli import main as cli_main  # noqa: E402
-from shield_db.database import ShieldDatabase, maintenance_owed  # noqa: E402
+from shield_db.database import ShieldDatabase  # noqa: E402
+from shield_db.transaction import maintenance_owed  # noqa: E402
 
 IMAGES, SIZE = 48, 16
 
