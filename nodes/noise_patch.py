@@ -94,7 +94,7 @@ class NoisePatch:
                          "left at zero, nothing to couple", NODE)
             return noise
         if noise.shape[0] < 2:
-            LOG.info("%s: batch size 1, the noise is left as it is", NODE)
+            LOG.info("%s: start coupling: batch size 1, the noise is left as it is", NODE)
             return noise
         if s.mode != EDDY:
             return self.couple(noise) if s.grid() else noise
