@@ -294,6 +294,45 @@ def test_inpaint_encoders_protect_inside_the_mask(comfy_nodes, spell_nodes, fami
     assert max(o.final_jump for o in patch.last_report.outputs) < SMALL_FINAL_JUMP
 
 
+SD15_INPAINT = mf.Family("sd15_inpaint", "SD15", lambda: {**mf.sd15_config(), "in_channels": 9}, channels=4,
+                         pooled=False, frames=None, output_layer="out.2", cfg=5.0)
+
+
+def test_real_inpaint_model_with_nine_input_channels(comfy_nodes, spell_nodes):
+    """An SD1.5-inpainting-config UNet (in_channels 9: latent + mask + masked image, concatenated by the host)
+    through InpaintModelConditioning with its noise mask: every output ends >= r from every shield and from the
+    other output, the kept region is bit-identical to the host's unshielded run (and the input up to float
+    rounding), the masked half moves inside the loop and the final t = 0 correction is small."""
+    fam = SD15_INPAINT
+    model = fam.model(seed=0)
+    assert model.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 9
+    assert model.model.concat_keys == ("mask", "masked_image")      # the host's inpaint model path
+    side = fam.latent_shape(1)[-1] * 8
+    pixels = torch.rand(BATCH, side, side, 3, generator=torch.Generator().manual_seed(2))
+    pos, neg = conds(fam)
+    pos, neg, latent = run_node(comfy_nodes.InpaintModelConditioning, pos, neg, pixels, stub_vae(4),
+                                mask_for(fam, BATCH), True)[:3]
+    assert "concat_latent_image" in pos[0][1] and "noise_mask" in latent
+
+    def sample(m):
+        return mf.ksample(comfy_nodes, fam, m, latent, seed=4, steps=STEPS, positive=pos, negative=neg)["samples"]
+    plain = sample(model)
+    radius = radius_for(model, plain)
+    shields = spell_nodes.LatentsToShieldSet().build({"samples": plain}, "catalogue")[0]
+    patch = spell_nodes.make_patch("Apply SPELL", **spell_kwargs(radius=radius, shield_set=shields))
+    out = sample(patch.apply(model))
+    report = patch.last_report
+    half = out.shape[-1] // 2
+    assert min_ratio(model, out, plain, radius, peers=True) >= 1 - TOL
+    assert torch.equal(out[..., :half], plain[..., :half])
+    torch.testing.assert_close(plain[..., :half], latent["samples"][..., :half], rtol=1e-5, atol=1e-5)
+    assert (out[..., half:] - plain[..., half:]).abs().amax() > 0
+    assert any(s.corrected for s in report.steps if s.sigma > 0)
+    assert max(o.final_jump for o in report.outputs) < SMALL_FINAL_JUMP
+    assert all(o.protected_by == "loop" for o in report.outputs)
+    assert report.movable_fraction == [0.5] * BATCH
+
+
 def test_inpaint_with_an_empty_mask_reports_that_nothing_can_move(comfy_nodes, spell_nodes, caplog):
     fam = mf.FAMILIES["sd15"]
     model = family_model("sd15")

@@ -5,7 +5,10 @@ CHROMIUM_PATH), node + the npm packages of tests/ui (``cd tests/ui && npm ci``: 
 missing piece skips with its reason. The test
 
 * installs the pack by a symlink ``custom_nodes/comfyui-shielded-sampling`` (left in place if it exists),
-* writes a random SD1.5-format checkpoint into ``models/checkpoints`` once (tests/ui/make_tiny_checkpoint.py),
+* writes a random SD1.5-format checkpoint into ``models/checkpoints`` once (tests/ui/make_tiny_checkpoint.py), and
+  random Flux / WAN 2.1 diffusion models, a CLIP-L text encoder and their VAEs (tests/ui/make_tiny_models.py) that
+  stand in for the real files the Flux and WAN workflows name,
+* puts ``example.png`` with a painted (transparent) mask into the input folder for the inpainting workflow,
 * starts ``main.py --cpu`` on a free port with user/input/output/temp folders in a temp directory, only this
   pack's custom nodes, and stops it by PID at the end,
 * runs tests/ui/ui_check.mjs (Chromium via playwright-core, never a downloaded browser) and asserts on what it saw.
@@ -31,6 +34,9 @@ import shield_harness as harness
 
 PACK_ROOT = harness.PACK_ROOT
 UI_DIR = PACK_ROOT / "tests" / "ui"
+sys.path.insert(0, str(UI_DIR))
+import make_tiny_models as tiny  # noqa: E402  (stdlib-only at import; torch is imported inside build())
+
 PACK_FOLDER = "comfyui-shielded-sampling"
 TINY_CKPT = "shielded_tiny_sd15.safetensors"
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -70,11 +76,21 @@ def ensure_installed(comfy: Path):
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(PACK_ROOT, target_is_directory=True)
+    env = {**os.environ, "COMFYUI_PATH": str(comfy)}
     ckpt = comfy / "models" / "checkpoints" / TINY_CKPT
     if not ckpt.exists():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(UI_DIR / "make_tiny_checkpoint.py"), str(ckpt)], check=True,
-                       env={**os.environ, "COMFYUI_PATH": str(comfy)}, timeout=600)
+        subprocess.run([sys.executable, str(UI_DIR / "make_tiny_checkpoint.py"), str(ckpt)], check=True, env=env,
+                       timeout=600)
+    if not all((comfy / "models" / name).exists() for name in set(tiny.TINY_FOR_REAL.values())):
+        subprocess.run([sys.executable, str(UI_DIR / "make_tiny_models.py"), str(comfy / "models")], check=True,
+                       env=env, timeout=600)
+
+
+def tiny_models_argument() -> str:
+    """What ui_check.mjs swaps into the loaded workflows: the tiny checkpoint and the tiny stand-in files."""
+    return json.dumps({"checkpoint": TINY_CKPT, "text_encoder_type": tiny.TEXT_ENCODER_TYPE,
+                       "files": {real: Path(name).name for real, name in tiny.TINY_FOR_REAL.items()}})
 
 
 def protected_images(folder: Path, count: int = 3):
@@ -83,6 +99,14 @@ def protected_images(folder: Path, count: int = 3):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         Image.new("RGB", (64, 64), (60 * i + 40, 200 - 50 * i, 90)).save(folder / f"protected_{i}.png")
+
+
+def inpaint_image(path: Path):
+    """Load Image's default file with a painted mask: the right half is transparent (Load Image's MASK = 1)."""
+    from PIL import Image
+    image = Image.new("RGBA", (64, 64), (120, 140, 200, 255))
+    image.paste((0, 0, 0, 0), (32, 0, 64, 64))
+    image.save(path)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240):
@@ -108,6 +132,7 @@ def server(tmp_path_factory):
     for d in dirs.values():
         d.mkdir()
     protected_images(dirs["input"] / "shields")
+    inpaint_image(dirs["input"] / "example.png")
     port = free_port()
     log = work / "server.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -146,7 +171,8 @@ def ui(server, request):
     artifacts = ARTIFACTS / renderer
     artifacts.mkdir(parents=True, exist_ok=True)
     choose_renderer(server["url"], renderer)
-    run = subprocess.run(["node", "ui_check.mjs", server["url"], str(artifacts), TINY_CKPT, renderer], cwd=UI_DIR,
+    run = subprocess.run(["node", "ui_check.mjs", server["url"], str(artifacts), tiny_models_argument(), renderer],
+                         cwd=UI_DIR,
                          capture_output=True, text=True, timeout=1800)
     (artifacts / "ui_result.json").write_text(run.stdout)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -195,6 +221,17 @@ def test_every_example_workflow_loads_and_validates(ui):
         wf = ui["workflows"][name]
         assert wf["missing"] == [] and wf["dialogs"] == [], (name, wf)
         assert wf["run"]["kind"] == "success", (name, wf["run"])   # /prompt validated and ran on the tiny ckpt
+
+
+def test_workflows_of_real_graphs_ran_what_they_show(ui, server):
+    """The inpainting, Flux and WAN workflows ran with their painted mask and the model families they name."""
+    for name in ("spell_inpaint_shield_set", "spell_hires_fix", "spell_flux_shield_folder", "spell_wan_video_batch"):
+        assert ui["workflows"][name]["run"]["kind"] == "success", (name, ui["workflows"][name]["run"])
+    log = server["log"].read_text()
+    assert "inpaint: mask frees 50% of the latent" in log          # example.png's transparent half
+    assert "inpainting mask is empty" not in log
+    assert "resized to 4x12x12" in log                             # the hires pass compared at its own size
+    assert "Requested to load Flux" in log and "Requested to load WAN21" in log
 
 
 def test_extension_widgets_render_with_tooltips(ui):

@@ -1,6 +1,8 @@
 // Thumbnails of the example workflows, rendered by the real ComfyUI front end in headless Chromium.
-// Usage: node make_thumbnails.mjs URL PACK_FOLDER   (a running ComfyUI with this pack in custom_nodes/PACK_FOLDER;
-// an empty file models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors avoids the missing-model highlight)
+// Usage: node make_thumbnails.mjs URL PACK_FOLDER [workflow-name ...]   (a running ComfyUI with this pack in
+// custom_nodes/PACK_FOLDER; empty files under the model names the workflows use, e.g.
+// models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors, avoid the missing-model highlight; input/example.png
+// gives the inpainting workflow's Load Image its preview). Without names: every workflow.
 // Writes example_workflows/<name>.jpg beside each <name>.json (the template browser shows it) and prints one JSON
 // object: per workflow the node count and missing node types, and per node class whether its help page
 // (/extensions/PACK_FOLDER/docs/<NodeClass>.md, where the front end looks) is served.
@@ -9,7 +11,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { dismissDialogs, openComfy } from "./browser.mjs";
 
-const [url, packFolder] = process.argv.slice(2);
+const [url, packFolder, ...only] = process.argv.slice(2);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 const workflowsDir = path.join(root, "example_workflows");
 const WIDTH = 1200;
@@ -55,7 +57,8 @@ async function main() {
   // Only the graph: hide menus, panels, dialogs and toasts; keep the canvas and the widgets drawn in DOM.
   await page.addStyleTag({ content: "body * { visibility: hidden !important; } "
     + "#graph-canvas, .dom-widget, .dom-widget * { visibility: visible !important; }" });
-  const names = fs.readdirSync(workflowsDir).filter((f) => f.endsWith(".json")).map((f) => f.slice(0, -5)).sort();
+  const names = fs.readdirSync(workflowsDir).filter((f) => f.endsWith(".json")).map((f) => f.slice(0, -5)).sort()
+    .filter((name) => only.length === 0 || only.includes(name));
   for (const name of names) {
     const workflow = JSON.parse(fs.readFileSync(path.join(workflowsDir, `${name}.json`), "utf8"));
     const info = await page.evaluate(loadAndFit, workflow);

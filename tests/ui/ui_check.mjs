@@ -1,5 +1,6 @@
 // UI checks of the pack in headless Chromium against a running ComfyUI that has the pack installed.
-// Usage: node ui_check.mjs URL ARTIFACT_DIR TINY_CHECKPOINT > result.json
+// Usage: node ui_check.mjs URL ARTIFACT_DIR TINY_MODELS_JSON [RENDERER] > result.json
+// TINY_MODELS_JSON: {"checkpoint": file, "files": {real file name: tiny file name}, "text_encoder_type": type}.
 // Writes one JSON object with what it observed; tests/integration/test_ui_browser.py asserts on it.
 // Screenshots go to ARTIFACT_DIR.
 import fs from "node:fs";
@@ -8,7 +9,8 @@ import { dismissDialogs, openComfy } from "./browser.mjs";
 import { TOOLTIPS } from "../../web/spell_panel.js";
 
 const PACK = "comfyui-shielded-sampling";
-const [url, artifacts, tinyCheckpoint, renderer = "classic"] = process.argv.slice(2);
+const [url, artifacts, tinyJson, renderer = "classic"] = process.argv.slice(2);
+const tinyModels = JSON.parse(tinyJson);
 const result = { errors: {}, search: {}, workflows: {}, widgets: {}, run: {}, requeue: {}, calibration: {} };
 
 const shot = async (page, name, clip) => {
@@ -89,22 +91,32 @@ async function loadInPage(workflow) {
   return { nodes: nodes.length, missing, dialogs, types: nodes.map((n) => n.type) };
 }
 
-/** Runs in the page: shrinks the loaded workflow to the tiny checkpoint and a few steps. */
-function shrinkInPage(checkpoint) {
+/** Runs in the page: shrinks the loaded workflow to the tiny models, 64 px, a few frames and a few steps.
+ * Model files named by the workflow are swapped for their tiny stand-ins; T5 text encoders cannot be tiny in
+ * ComfyUI (fixed 4096x24 config), so the loaders read a CLIP-L as type `text_encoder_type` (see make_tiny_models.py). */
+function shrinkInPage({ checkpoint, files, text_encoder_type: textEncoderType }) {
   const { app } = window.comfyAPI.app;
+  const widget = (node, name) => node.widgets?.find((x) => x.name === name);
   const set = (node, name, value) => {
-    const w = node.widgets?.find((x) => x.name === name);
+    const w = widget(node, name);
     if (w) w.value = value;
   };
+  const cap = (node, name, most) => {
+    const w = widget(node, name);
+    if (w) w.value = Math.min(w.value, most);
+  };
+  const latentNodes = ["EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "ShieldSetLoader"];
   for (const node of app.graph.nodes || app.graph._nodes) {
     set(node, "ckpt_name", checkpoint);
-    if (node.type === "ShieldSetLoader") {
-      set(node, "width", 64); set(node, "height", 64);
+    for (const name of ["unet_name", "vae_name", "clip_name", "clip_name1", "clip_name2"]) {
+      const w = widget(node, name);
+      if (w && files[w.value]) w.value = files[w.value];
     }
-    if (node.type === "EmptyLatentImage") {
+    if (node.type === "CLIPLoader" || node.type === "DualCLIPLoader") set(node, "type", textEncoderType);
+    if (latentNodes.includes(node.type)) {
       set(node, "width", 64); set(node, "height", 64);
-      const batch = node.widgets.find((x) => x.name === "batch_size");
-      batch.value = Math.min(batch.value, 3);
+      cap(node, "batch_size", 3);
+      cap(node, "length", 1);   // one latent frame: the video latent stays 5-D; WAN's full-size VAE is slow on a CPU
     }
     set(node, "steps", 3);
   }
@@ -138,7 +150,7 @@ async function checkWorkflows(page) {
     await page.evaluate(() => window.comfyAPI.app.app.graph.setDirtyCanvas(true, true));
     await page.waitForTimeout(500);
     await shot(page, `03_workflow_${name}`);
-    await page.evaluate(shrinkInPage, tinyCheckpoint);
+    await page.evaluate(shrinkInPage, tinyModels);
     const run = await page.evaluate(queueInPage, 240000);
     await page.evaluate(fitViewInPage);
     await page.waitForTimeout(1500);
@@ -260,7 +272,7 @@ async function checkRun(page) {
   const workflow = await page.evaluate(async () =>
     (await fetch("/api/workflow_templates/comfyui-shielded-sampling/spell_diverse_batch_with_history.json")).json());
   await page.evaluate(loadInPage, workflow);
-  await page.evaluate(shrinkInPage, tinyCheckpoint);
+  await page.evaluate(shrinkInPage, tinyModels);
   result.run.queue = await page.evaluate(queueInPage, 300000);
   await page.waitForTimeout(800);
   const rect = await focusNode(page, "ShieldedSpellSampler");

@@ -1,6 +1,13 @@
 // Source of the example workflows: node lists and links by name. build_workflows.mjs turns each spec into
 // ComfyUI workflow JSON inside a real front end (so widget order, slots and links are what ComfyUI writes).
 export const CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors";
+// The real model files the Flux and WAN workflows name (ComfyUI's own Flux / WAN 2.1 examples); the UI test maps
+// them to tiny random files (TINY_FOR_REAL in tests/ui/make_tiny_models.py).
+export const FLUX_FILES = { unet: "flux1-dev.safetensors", clip_l: "clip_l.safetensors",
+  t5: "t5xxl_fp16.safetensors", vae: "ae.safetensors" };
+export const WAN_FILES = { unet: "wan2.1_t2v_1.3B_fp16.safetensors",
+  t5: "umt5_xxl_fp8_e4m3fn_scaled.safetensors", vae: "wan_2.1_vae.safetensors" };
+export const INPAINT_IMAGE = "example.png";   // ComfyUI's default Load Image file; paint the mask in MaskEditor
 
 const ckpt = (x, y) => ({ type: "CheckpointLoaderSimple", pos: [x, y], widgets: { ckpt_name: CHECKPOINT } });
 const text = (x, y, value, title) => ({ type: "CLIPTextEncode", pos: [x, y], size: [340, 160], title,
@@ -191,6 +198,154 @@ export const SPECS = [
       ...outputLinks("sampler"), ["sampler", "report", "report", "report"], ["decode", "IMAGE", "report", "images"],
       ["loader", "shield_set", "report", "shield_set"], ["dng", "report", "dngReport", "dng_report"],
       ["sampler", "LATENT", "dngReport", "after"],
+    ],
+  },
+  {
+    file: "spell_inpaint_shield_set",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      loader: { type: "ShieldSetLoader", pos: [20, 260], size: [340, 230],
+        widgets: { folder: "shields", width: 512, height: 512, resize: "center-crop" } },
+      image: { type: "LoadImage", pos: [20, 540], size: [340, 380], widgets: { image: INPAINT_IMAGE } },
+      spell: { type: "ShieldedApplySpell", pos: [780, 40], size: [360, 330],
+        widgets: { radius: 0.3, intra_batch: false, history: false, init_image_shield: "leave it" } },
+      positive: text(380, 40, "a watercolor painting of a lighthouse at dusk", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      encode: { type: "VAEEncode", pos: [400, 540] },
+      mask: { type: "SetLatentNoiseMask", pos: [400, 660], size: [260, 70] },
+      sampler: { type: "KSampler", pos: [1180, 40],
+        widgets: { seed: 42, steps: 25, cfg: 7.0, sampler_name: "euler", scheduler: "normal", denoise: 0.85 } },
+      decode: decode(1540, 40),
+      save: save(1760, 40, "spell_inpaint"),
+      note: { ...note(780, 500, "Inpainting with a shield set (SPELL, Kirchhof et al. 2025). Right-click Load Image -> " +
+        "Open in MaskEditor and paint the area to repaint (an empty mask leaves nothing SPELL may move: it warns " +
+        "and the output stays inside a shield). Set Latent Noise Mask keeps the rest of the image exactly; Apply " +
+        "SPELL measures the whole image the sampler will produce and moves only the masked part, so every " +
+        "output ends at least 'radius' from each image in ComfyUI/input/shields/. A small mask over a protected " +
+        "image needs a large change inside it. init_image_shield: 'leave it' also leaves a protected image you " +
+        "edit; 'exclude it' lets the edit stay close to it. Model: v1-5-pruned-emaonly-fp16.safetensors " +
+        "(models/checkpoints); with an inpainting model (sd-v1-5-inpainting) use InpaintModelConditioning + " +
+        "its noise mask instead of VAE Encode + Set Latent Noise Mask."), size: [440, 270] },
+    },
+    links: [
+      ["ckpt", "CLIP", "positive", "clip"], ["ckpt", "CLIP", "negative", "clip"], ["ckpt", "VAE", "loader", "vae"],
+      ["ckpt", "MODEL", "spell", "model"], ["loader", "shield_set", "spell", "shield_set"],
+      ["image", "IMAGE", "encode", "pixels"], ["ckpt", "VAE", "encode", "vae"],
+      ["encode", "LATENT", "mask", "samples"], ["image", "MASK", "mask", "mask"],
+      ["spell", "MODEL", "sampler", "model"], ["positive", "CONDITIONING", "sampler", "positive"],
+      ["negative", "CONDITIONING", "sampler", "negative"], ["mask", "LATENT", "sampler", "latent_image"],
+      ...outputLinks("sampler"),
+    ],
+  },
+  {
+    file: "spell_hires_fix",
+    nodes: {
+      ckpt: ckpt(20, 80),
+      loader: { type: "ShieldSetLoader", pos: [20, 260], size: [340, 230],
+        widgets: { folder: "shields", width: 512, height: 512, resize: "center-crop" } },
+      positive: text(380, 40, "a watercolor painting of a lighthouse at dusk", "Positive"),
+      negative: text(380, 260, "blurry, low quality", "Negative"),
+      latent: latent(380, 480, 2),
+      spell: { type: "ShieldedApplySpell", pos: [780, 40], size: [360, 330],
+        widgets: { radius: 0.3, intra_batch: true, history: false } },
+      sampler: { type: "KSampler", pos: [1180, 40], title: "KSampler (first pass)",
+        widgets: { seed: 42, steps: 25, cfg: 7.0, sampler_name: "euler", scheduler: "normal", denoise: 1.0 } },
+      upscale: { type: "LatentUpscaleBy", pos: [1180, 340], widgets: { upscale_method: "nearest-exact", scale_by: 1.5 } },
+      hires: { type: "KSampler", pos: [1540, 40], title: "KSampler (hires pass)",
+        widgets: { seed: 43, steps: 20, cfg: 7.0, sampler_name: "euler", scheduler: "normal", denoise: 0.5 } },
+      decode: decode(1900, 40),
+      save: save(1900, 160, "spell_hires"),
+      note: note(780, 500, "Hires fix with SPELL on both passes: one Apply SPELL model feeds the first KSampler " +
+        "and, after Upscale Latent By, the second KSampler at denoise 0.5. The shields are loaded at the first " +
+        "pass's size (512); for the hires pass SPELL resizes them to its latent size and compares there (the " +
+        "radius is per latent element, so it means the same at both sizes). Protected images go in " +
+        "ComfyUI/input/shields/. Model: v1-5-pruned-emaonly-fp16.safetensors (models/checkpoints)."),
+    },
+    links: [
+      ["ckpt", "CLIP", "positive", "clip"], ["ckpt", "CLIP", "negative", "clip"], ["ckpt", "VAE", "loader", "vae"],
+      ["ckpt", "MODEL", "spell", "model"], ["loader", "shield_set", "spell", "shield_set"],
+      ["spell", "MODEL", "sampler", "model"], ["positive", "CONDITIONING", "sampler", "positive"],
+      ["negative", "CONDITIONING", "sampler", "negative"], ["latent", "LATENT", "sampler", "latent_image"],
+      ["sampler", "LATENT", "upscale", "samples"],
+      ["spell", "MODEL", "hires", "model"], ["positive", "CONDITIONING", "hires", "positive"],
+      ["negative", "CONDITIONING", "hires", "negative"], ["upscale", "LATENT", "hires", "latent_image"],
+      ["hires", "LATENT", "decode", "samples"], ["ckpt", "VAE", "decode", "vae"], ["decode", "IMAGE", "save", "images"],
+    ],
+  },
+  {
+    file: "spell_flux_shield_folder",
+    nodes: {
+      unet: { type: "UNETLoader", pos: [20, 40], size: [340, 90],
+        widgets: { unet_name: FLUX_FILES.unet, weight_dtype: "default" } },
+      clip: { type: "DualCLIPLoader", pos: [20, 180], size: [340, 130],
+        widgets: { clip_name1: FLUX_FILES.clip_l, clip_name2: FLUX_FILES.t5, type: "flux" } },
+      vae: { type: "VAELoader", pos: [20, 360], size: [340, 60], widgets: { vae_name: FLUX_FILES.vae } },
+      loader: { type: "ShieldSetLoader", pos: [20, 470], size: [340, 230],
+        widgets: { folder: "shields", width: 1024, height: 1024, resize: "center-crop" } },
+      positive: text(380, 40, "a watercolor painting of a lighthouse at dusk", "Prompt"),
+      guidance: { type: "FluxGuidance", pos: [380, 250], widgets: { guidance: 3.5 } },
+      latent: { type: "EmptySD3LatentImage", pos: [380, 370],
+        widgets: { width: 1024, height: 1024, batch_size: 2 } },
+      spell: { type: "ShieldedApplySpell", pos: [780, 40], size: [360, 330],
+        widgets: { radius: 0.3, intra_batch: true, history: false } },
+      guider: { type: "BasicGuider", pos: [1180, 40] },
+      noise: { type: "RandomNoise", pos: [1180, 140], widgets: { noise_seed: 42 } },
+      samplerSelect: { type: "KSamplerSelect", pos: [1180, 260], widgets: { sampler_name: "euler" } },
+      sigmas: { type: "BasicScheduler", pos: [1180, 360],
+        widgets: { scheduler: "simple", steps: 20, denoise: 1.0 } },
+      custom: { type: "SamplerCustomAdvanced", pos: [1540, 40], size: [300, 330] },
+      decode: decode(1880, 40),
+      save: save(1880, 160, "spell_flux"),
+      note: note(780, 480, "Flux with a protected folder: cfg 1 (BasicGuider, one model call per step) with " +
+        "FluxGuidance 3.5, sampled by SamplerCustomAdvanced. Apply SPELL corrects the guider's final prediction, " +
+        "so every output ends at least 'radius' from each image in ComfyUI/input/shields/ (encoded once with " +
+        "the Flux VAE at the width/height you generate at) and from the other images of the batch. Models: " +
+        "flux1-dev.safetensors in models/diffusion_models (or flux1-schnell with 4 steps), clip_l.safetensors " +
+        "and t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn) in models/text_encoders, ae.safetensors in models/vae."),
+    },
+    links: [
+      ["clip", "CLIP", "positive", "clip"], ["positive", "CONDITIONING", "guidance", "conditioning"],
+      ["vae", "VAE", "loader", "vae"], ["unet", "MODEL", "spell", "model"],
+      ["loader", "shield_set", "spell", "shield_set"], ["spell", "MODEL", "guider", "model"],
+      ["guidance", "CONDITIONING", "guider", "conditioning"], ["unet", "MODEL", "sigmas", "model"],
+      ["noise", "NOISE", "custom", "noise"], ["guider", "GUIDER", "custom", "guider"],
+      ["samplerSelect", "SAMPLER", "custom", "sampler"], ["sigmas", "SIGMAS", "custom", "sigmas"],
+      ["latent", "LATENT", "custom", "latent_image"], ["custom", "output", "decode", "samples"],
+      ["vae", "VAE", "decode", "vae"], ["decode", "IMAGE", "save", "images"],
+    ],
+  },
+  {
+    file: "spell_wan_video_batch",
+    nodes: {
+      unet: { type: "UNETLoader", pos: [20, 40], size: [340, 90],
+        widgets: { unet_name: WAN_FILES.unet, weight_dtype: "default" } },
+      clip: { type: "CLIPLoader", pos: [20, 180], size: [340, 100], widgets: { clip_name: WAN_FILES.t5, type: "wan" } },
+      vae: { type: "VAELoader", pos: [20, 330], size: [340, 60], widgets: { vae_name: WAN_FILES.vae } },
+      shift: { type: "ModelSamplingSD3", pos: [380, 440], widgets: { shift: 8.0 } },
+      positive: text(380, 40, "a red fox running through snow, cinematic", "Positive"),
+      negative: text(380, 250, "static, blurry, low quality", "Negative"),
+      latent: { type: "EmptyHunyuanLatentVideo", pos: [380, 560],
+        widgets: { width: 832, height: 480, length: 33, batch_size: 2 } },
+      spell: { type: "ShieldedApplySpell", pos: [780, 40], size: [360, 330],
+        widgets: { radius: 0.2, intra_batch: true, history: false } },
+      sampler: { type: "KSampler", pos: [1180, 40],
+        widgets: { seed: 42, steps: 30, cfg: 6.0, sampler_name: "uni_pc", scheduler: "simple" } },
+      decode: decode(1540, 40),
+      save: { type: "SaveAnimatedWEBP", pos: [1540, 160], size: [340, 420],
+        widgets: { filename_prefix: "spell_wan", fps: 16, lossless: false, quality: 90 } },
+      note: note(780, 480, "A short WAN 2.1 video batch with intra-batch SPELL: each clip of the batch is one item " +
+        "(all its frames together), and SPELL keeps every clip at least 'radius' (per latent element) from the " +
+        "other clips, so the batch gives different videos instead of near-copies. Add a Shield Set Loader " +
+        "(WAN VAE, same frame count) to also protect clips. The animated WEBP holds the clips one after the " +
+        "other. Models: wan2.1_t2v_1.3B_fp16.safetensors in models/diffusion_models, " +
+        "umt5_xxl_fp8_e4m3fn_scaled.safetensors in models/text_encoders, wan_2.1_vae.safetensors in models/vae."),
+    },
+    links: [
+      ["clip", "CLIP", "positive", "clip"], ["clip", "CLIP", "negative", "clip"],
+      ["unet", "MODEL", "shift", "model"], ["shift", "MODEL", "spell", "model"],
+      ["spell", "MODEL", "sampler", "model"], ["positive", "CONDITIONING", "sampler", "positive"],
+      ["negative", "CONDITIONING", "sampler", "negative"], ["latent", "LATENT", "sampler", "latent_image"],
+      ["sampler", "LATENT", "decode", "samples"], ["vae", "VAE", "decode", "vae"], ["decode", "IMAGE", "save", "images"],
     ],
   },
 ];
