@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:  # benchmark script run as a file: make the projec
     sys.path.insert(0, str(ROOT))
 
 from guidance.dng import DngParams, PosteriorTracker, negative_guidance  # noqa: E402
+from guidance.sampling import karras_sigmas, sample_euler_ancestral  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -84,34 +85,6 @@ class GaussianMixture:
         return m[k] + s[k, None] * torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
 
 
-def karras_sigmas(n: int, sigma_min=0.002, sigma_max=20.0, rho=7.0) -> torch.Tensor:
-    """Karras et al. schedule with a final 0, as ComfyUI's ``karras`` scheduler."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
-
-
-def sample_euler_ancestral(denoise, x, sigmas, gen: torch.Generator):
-    """k-diffusion ``sample_euler_ancestral`` with eta = 1 (VE); ``denoise(x, sigma) -> D``."""
-    for i in range(len(sigmas) - 1):
-        s, sn = sigmas[i], sigmas[i + 1]
-        d = denoise(x, s)
-        s_up = min(sn, (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5)
-        s_down = (sn ** 2 - s_up ** 2) ** 0.5
-        x = x + (x - d) / s * (s_down - s)
-        if sn > 0:
-            x = x + torch.randn(x.shape, generator=gen, dtype=x.dtype) * s_up
-    return x
-
-
-def sample_euler(denoise, x, sigmas, gen=None):
-    """k-diffusion ``sample_euler`` (deterministic)."""
-    for i in range(len(sigmas) - 1):
-        d = denoise(x, sigmas[i])
-        x = x + (x - d) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
 class DngDenoiser:
     """The guided denoiser of a mixture with one forbidden component: NP, DNG exact, or DNG tracked."""
 
@@ -125,7 +98,7 @@ class DngDenoiser:
         d_neg = self.mix.denoiser(x, sigma, subset=[self.forbidden])
         tracked = self.tracker.observe(x, sigma, d_base, d_neg)
         exact = self.mix.posterior(x, sigma, self.forbidden)
-        self.log.append((float(sigma), tracked.clone(), exact.clone()))
+        self.log.append((float(sigma.reshape(-1)[0]), tracked.clone(), exact.clone()))
         p = exact.clamp(max=1 - 1e-12) if self.posterior_kind == "exact" else tracked
         return negative_guidance(d_base, d_neg, self.params.scale(p))
 
@@ -144,10 +117,10 @@ def w1_1d(samples: torch.Tensor, reference: torch.Tensor) -> float:
 
 def run_setting(mix, forbidden, params, posterior, n, steps, seed):
     gen = torch.Generator().manual_seed(seed)
-    sigmas = karras_sigmas(steps)
+    sigmas = karras_sigmas(steps, sigma_min=0.002, sigma_max=20.0)
     x = torch.randn(n, mix.dim, generator=gen, dtype=torch.float64) * sigmas[0]
     den = DngDenoiser(mix, forbidden, params, posterior, n)
-    out = sample_euler_ancestral(den, x, sigmas, gen)
+    out = sample_euler_ancestral(den, x, sigmas, generator=gen)
     return out, den
 
 
