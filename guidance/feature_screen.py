@@ -8,10 +8,11 @@ Float bounds, from exactly representable inputs:
 - features are computed in float64 on the CPU and stored in float32: ``||f^(x) - f(x)|| <= e ||x - mu||`` with
   ``e = FEATURE_REL_ERROR`` (derived in ``shield_db/projection.py``; 1e-5 for ``D`` up to 10^6);
 - a true hit therefore has ``||f^(q) - f^(z)|| <= R = r + e (||q - mu|| + max ||z - mu||)``;
-- the device evaluates ``||a||^2 + ||b||^2 - 2 a.b`` in float32 (one matmul for the whole batch) with error
-  ``<= 2 (phi + 4u) (||a||^2 + ||b||^2)``, where ``phi`` bounds the relative error of the device's dot product
-  (:func:`dot_error_factor`: IEEE float32, or inputs rounded to TF32 / bfloat16 with float32 accumulation);
-  the screen keeps every row whose computed value is ``<= R^2 (1 + 1e-6)`` plus that error.
+- the device evaluates ``||b||^2 - 2 a.b`` in float32 (one ``addmm`` for the whole batch; ``||a||^2`` is
+  constant per query) with error ``<= 2 (phi + 4u) (||a||^2 + max ||b||^2)``, where ``phi`` bounds the
+  relative error of the device's dot product (:func:`dot_error_factor`: IEEE float32, or inputs rounded to
+  TF32 / bfloat16 with float32 accumulation); the screen keeps every row whose computed value is
+  ``<= R^2 (1 + 1e-6) - ||a||^2`` plus that error.
 
 Candidates are then verified on the full latents by :func:`within_mask` (float32 around the queries' mean with a
 rigorous bound, float64 for the pairs the bound cannot decide). Nothing is missed; a reported hit is real.
@@ -112,6 +113,10 @@ class FeatureScreen:
 
     ``feature_error`` is the bound ``e`` of the stored and query features (``||f^(x) - f(x)|| <= e ||x - mu||``),
     ``max_norm`` the largest ``||z - mu||`` of the stored rows.
+
+    The screen computes ``c = ||z||^2 - 2 q.z`` for every stored row with one ``addmm`` and keeps the rows with
+    ``c <= t_q``, where ``t_q = R^2 (1 + 1e-6) - ||q||^2 + 2.02 (phi + 4u)(||q||^2 + max ||z||^2)`` bounds every
+    rounding of ``c`` (products, sums, the norms) for the device's ``phi`` (:func:`dot_error_factor`).
     """
 
     def __init__(self, feats: torch.Tensor, max_norm: float, feature_error: float = FEATURE_REL_ERROR):
@@ -119,6 +124,7 @@ class FeatureScreen:
             raise ValueError(f"features must be float32 [N, k+1], got {feats.dtype} {tuple(feats.shape)}")
         self.feats = feats
         self.sq = feats.square().sum(1)
+        self.max_sq = float(self.sq.max()) if len(self.sq) else 0.0
         self.max_norm, self.feature_error = float(max_norm), float(feature_error)
 
     @property
@@ -134,42 +140,39 @@ class FeatureScreen:
             return self
         return FeatureScreen(self.feats.to(device), self.max_norm, self.feature_error)
 
-    def reach_sq(self, query_norms: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
-        """``[B]`` float32 ``R^2 (1 + 1e-6)`` rounded up: the feature-space radius a true hit cannot exceed."""
-        reach = torch.as_tensor(radius, dtype=torch.float64) + self.feature_error * (query_norms + self.max_norm)
-        value = (reach.square() * (1 + 1e-6)).float()
+    def thresholds(self, q_feats: torch.Tensor, query_norms: torch.Tensor, radius) -> torch.Tensor:
+        """``[B]`` float32 ``t_q`` on the device, rounded up: a row with ``c > t_q`` is no hit of query ``q``."""
+        q_sq = q_feats.detach().to("cpu", torch.float64).square().sum(1)
+        reach = torch.as_tensor(radius, dtype=torch.float64) + self.feature_error * (query_norms.double() + self.max_norm)
+        rounding = 2.02 * (dot_error_factor(q_feats.shape[1], self.device) + 4 * U32) * (q_sq + self.max_sq)
+        value = (reach.square() * (1 + 1e-6) - q_sq + rounding).float()
         return torch.nextafter(value, torch.full_like(value, math.inf)).to(self.device)
 
-    def approx_sq(self, q_feats: torch.Tensor, start: int, stop: int):
-        """``(computed ||f(q) - f(z)||^2 [B, rows], its error bound)`` for stored rows ``start:stop``."""
-        q = q_feats.to(self.device)
-        q_sq = q.square().sum(1)
-        z, z_sq = self.feats[start:stop], self.sq[start:stop]
-        approx = (q_sq[:, None] + z_sq[None, :]).sub_(2 * (q @ z.T))
-        factor = 2.02 * (dot_error_factor(q.shape[1], self.device) + 4 * U32)
-        return approx, factor * (q_sq[:, None] + z_sq[None, :])
+    def scores(self, q_feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``c = ||z||^2 - 2 q.z`` ``[B, rows]`` float32 for stored rows ``start:stop`` (one ``addmm``)."""
+        z = self.feats[start:stop]
+        return torch.addmm(self.sq[start:stop], q_feats.to(self.device), z.T, alpha=-2)
 
     def candidates(self, q_feats: torch.Tensor, query_norms: torch.Tensor, radius) -> torch.Tensor:
         """Sorted stored rows (int64, CPU) that may lie within ``radius`` of some query (``[B]`` or scalar radius)."""
-        limit = self.reach_sq(query_norms, radius)[:, None]
+        limit = self.thresholds(q_feats, query_norms, radius)[:, None]
         found = []
         for start in range(0, len(self), SCREEN_CHUNK_ROWS):
-            approx, err = self.approx_sq(q_feats, start, start + SCREEN_CHUNK_ROWS)
-            rows = (approx - err <= limit).any(0).nonzero().flatten()
+            rows = (self.scores(q_feats, start, start + SCREEN_CHUNK_ROWS) <= limit).any(0).nonzero().flatten()
             found.append(rows.cpu() + start)
         return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
 
     def nearest_rows(self, q_feats: torch.Tensor, k: int) -> torch.Tensor:
         """``[B, k']`` stored rows nearest in (computed) feature distance: cheap upper-bound probes."""
-        best_d, best_i = [], []
+        best_c, best_i = [], []
         k = min(k, len(self))
         for start in range(0, len(self), SCREEN_CHUNK_ROWS):
-            approx, _ = self.approx_sq(q_feats, start, start + SCREEN_CHUNK_ROWS)
-            d, i = approx.topk(min(k, approx.shape[1]), dim=1, largest=False)
-            best_d.append(d)
+            c, i = self.scores(q_feats, start, start + SCREEN_CHUNK_ROWS).topk(
+                min(k, len(self) - start, SCREEN_CHUNK_ROWS), dim=1, largest=False)
+            best_c.append(c)
             best_i.append(i + start)
-        d, i = torch.cat(best_d, 1), torch.cat(best_i, 1)
-        return i.gather(1, d.topk(k, dim=1, largest=False).indices).cpu()
+        c, i = torch.cat(best_c, 1), torch.cat(best_i, 1)
+        return i.gather(1, c.topk(k, dim=1, largest=False).indices).cpu()
 
 
 def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,

@@ -120,10 +120,11 @@ def test_feature_screen_is_a_superset_of_feature_space_balls():
     screen = fs.FeatureScreen(feats, max_norm=0.0, feature_error=0.0)
     q = feats[:4] + torch.randn(4, 65, generator=g) * 0.5
     d = torch.cdist(q.double(), feats.double())
+    slack = 2.2 * (fs.dot_error_factor(65, q.device) + 4 * fs.U32) * float(q.square().sum(1).max() + screen.max_sq)
     for r in (0.1, 1.0, float(d.flatten().kthvalue(40).values)):
         found = set(screen.candidates(q, torch.zeros(4, dtype=torch.float64), r).tolist())
         assert set((d <= r).any(0).nonzero().flatten().tolist()) <= found
-        assert len(found) <= len(set((d <= r * 1.01 + 1e-3).any(0).nonzero().flatten().tolist()))
+        assert found <= set((d.square() <= r * r * 1.00001 + 2 * slack).any(0).nonzero().flatten().tolist())
 
 
 def make_db(tmp_path, data: np.ndarray) -> ShieldDatabase:
