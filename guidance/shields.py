@@ -15,7 +15,6 @@ Protocol (duck-typed)::
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 
@@ -69,7 +68,6 @@ class TensorShields:
         self.item_shape = tuple(shields.shape[1:])
         self.screen_min_rows = int(screen_min_rows)
         self._flat = flatten(self.shields)
-        self._lock = threading.Lock()
         self._map = None           # (mu, A) float64 on the CPU, fitted on first use
         self._screens = {}         # device -> FeatureScreen (features resident there)
 
@@ -89,17 +87,17 @@ class TensorShields:
 
     def screen(self, device: torch.device) -> FeatureScreen:
         """The feature screen resident on ``device`` (features computed once, in float64 on the CPU)."""
-        with self._lock:
-            if device not in self._screens:
-                if self._map is None:
-                    sample = self._flat[torch.linspace(0, len(self) - 1, min(len(self), FIT_SAMPLE_ROWS)).long()]
-                    self._map = fit_map(sample)
-                cpu = self._screens.get(torch.device("cpu"))
-                if cpu is None:
-                    feats, norms = map_features(self._flat, *self._map)
-                    cpu = FeatureScreen(feats, float(norms.max()))
-                self._screens[device] = cpu.to(device)
-            return self._screens[device]
+        # No lock (a source must stay deep-copyable): two threads racing here compute the same deterministic map.
+        if device not in self._screens:
+            if self._map is None:
+                sample = self._flat[torch.linspace(0, len(self) - 1, min(len(self), FIT_SAMPLE_ROWS)).long()]
+                self._map = fit_map(sample)
+            cpu = self._screens.get(torch.device("cpu"))
+            if cpu is None:
+                feats, norms = map_features(self._flat, *self._map)
+                cpu = FeatureScreen(feats, float(norms.max()))
+            self._screens[device] = cpu.to(device)
+        return self._screens[device]
 
     def _queries(self, queries: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` float32, or float64 when given so (answers are exact for the query as given)."""
