@@ -242,18 +242,19 @@ def part_c(record: dict, reps: int = 7):
                "on_data": centres[:8] + 0.5 * torch.randn(8, *shape, generator=torch.Generator().manual_seed(2))}
     out, sources = {}, {}
     for name, make in (("before", lambda: old_tensor_shields()(z.clone())),
-                       ("after", lambda: TensorShields(z.half(), dtype=torch.float16))):
+                       ("after", lambda: TensorShields(z.half(), dtype=torch.float16)),
+                       ("after_f32", lambda: TensorShields(z))):     # float32 latents, kept as float32
         before = rss_mb()
         t = time.perf_counter()
         sources[name] = make()
-        if name == "after":
+        if name.startswith("after"):
             sources[name].to(torch.device("cpu"))            # fits the map and computes the features
         out[name] = {"setup_s": time.perf_counter() - t, "rss_growth_mb": rss_mb() - before}
     for kind, x0 in queries.items():
         times = {name: [] for name in sources}
         cpu = {name: [] for name in sources}
         for rep in range(reps + 1):                            # interleaved; the first round is a warm-up
-            for name in (["before", "after"] if rep % 2 == 0 else ["after", "before"]):
+            for name in (list(sources) if rep % 2 == 0 else list(sources)[::-1]):
                 t, c = time.perf_counter(), time.process_time()
                 res = sparse_repellency(x0, radius, shields=sources[name], intra_batch=True)
                 if rep:

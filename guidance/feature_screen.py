@@ -176,7 +176,7 @@ class FeatureScreen:
 
 
 def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
-                chunk_rows: int = VERIFY_CHUNK_ROWS) -> torch.Tensor:
+                chunk_rows: int = VERIFY_CHUNK_ROWS, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[M]`` bool on the CPU: shield ``m`` lies within ``radius`` (closed ball) of at least one query.
 
     ``queries [B, D]`` (float32 or float64, any device); ``shields [M, D]`` (fp16/float32, any device) are moved
@@ -184,7 +184,8 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
     ``q' = fl(q - c)``, ``z' = fl(z - c)``. Rounding moves ``||q' - z'||`` from ``||q - z||`` by at most
     ``u (||q - c|| + ||z - c||)`` plus ``||q - fl32(q)||``, and ``d2`` from ``||q' - z'||^2`` by at most
     ``2 (phi + 4u)(||q'||^2 + ||z'||^2)`` (:func:`dot_error_factor`); pairs the bounds cannot decide are
-    recomputed in float64 on the CPU from the exact inputs.
+    recomputed in float64 on the CPU from the exact inputs. With ``rows`` (int64 indices into ``shields``) only
+    those shields are checked, gathered chunk by chunk (one copy each, centred in place).
     """
     q = queries.float()
     device = q.device
@@ -194,11 +195,17 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
     g = max(dot_error_factor(q.shape[1], device), gamma(q.shape[1] + 2, U32)) + 4 * U32
     q_len = qc_sq.double().sqrt() * (1 + 2 * g)
     q_round = (queries.double() - q.double()).norm(dim=1) * (1 + 1e-6)
-    out = torch.zeros(shields.shape[0], dtype=torch.bool)
-    for start in range(0, shields.shape[0], chunk_rows):
-        raw = shields[start:start + chunk_rows]
-        zc = raw.to(device=device, dtype=torch.float32, copy=True).sub_(centre)
-        zc_sq = zc.square().sum(1)
+    count = shields.shape[0] if rows is None else rows.numel()
+    out = torch.zeros(count, dtype=torch.bool)
+    for start in range(0, count, chunk_rows):
+        if rows is None:
+            index = torch.arange(start, min(count, start + chunk_rows), device=shields.device)
+            zc = shields[start:start + chunk_rows].to(device=device, dtype=torch.float32, copy=True)
+        else:
+            index = rows[start:start + chunk_rows].to(shields.device)
+            zc = shields.index_select(0, index).to(device=device, dtype=torch.float32)   # a fresh copy
+        zc.sub_(centre)
+        zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
         scale = (qc_sq[:, None] + zc_sq[None, :]).double()
         d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
         slack = 2 * g * scale * (1 + 4 * g) + 1e-300
@@ -209,8 +216,8 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
         unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL)).cpu()).nonzero().tolist()
         if unsure:
             q64 = queries.detach().to("cpu", torch.float64)
-            z64 = raw.detach().to("cpu", torch.float64)
             for b, j in unsure:
-                inside[b, j] = float((z64[j] - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
-        out[start:start + raw.shape[0]] = inside.any(0)
+                z64 = shields[index[j]].detach().to("cpu", torch.float64).reshape(-1)
+                inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
+        out[start:start + zc.shape[0]] = inside.any(0)
     return out

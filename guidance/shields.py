@@ -126,7 +126,7 @@ class TensorShields:
         cand = self._candidates(q, radius)
         if cand.numel() == 0:
             return cand
-        return cand[within_mask(q, self._flat[cand], radius, SCREEN_CHUNK_ROWS)]
+        return cand[within_mask(q, self._flat, radius, SCREEN_CHUNK_ROWS, rows=cand)]
 
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         idx = self.within_indices(queries, radius)
