@@ -254,6 +254,7 @@ class SpellWrapper:
         self.shields = TensorShields(shields) if isinstance(shields, torch.Tensor) else shields
         self.intra_batch, self.exact, self.history = bool(intra_batch), bool(exact), bool(history)
         self.remembered: list = []
+        self._remembered_source = None   # built once per change: its feature screen is fitted on first use
         self.runs: list = []
         self._last_sigma = -math.inf      # a call at a higher sigma than the last one opens a new run
 
@@ -261,7 +262,9 @@ class SpellWrapper:
         """Protected shields plus remembered outputs, as one source (None if empty)."""
         sources = [self.shields] if self.shields is not None and len(self.shields) > 0 else []
         if self.remembered:
-            sources.append(TensorShields(torch.cat(self.remembered)))
+            if self._remembered_source is None:
+                self._remembered_source = TensorShields(torch.cat(self.remembered))
+            sources.append(self._remembered_source)
         if not sources:
             return None
         return sources[0] if len(sources) == 1 else ConcatShields(sources)
@@ -270,6 +273,7 @@ class SpellWrapper:
         """Close the current run; with ``history`` its outputs become shields of the next runs."""
         if self.history:
             self.remembered.append(final.detach().float().cpu())
+            self._remembered_source = None
         self._last_sigma = -math.inf
 
     @property

@@ -18,10 +18,16 @@ import math
 
 import torch
 
+from .feature_screen import FIT_SAMPLE_ROWS, FeatureScreen, fit_map, map_features, within_mask
+
 # Elements of one [B, chunk, D] difference block kept in memory at once (float32: 4 bytes each).
 DIFF_BLOCK_ELEMENTS = 16 * 1024 * 1024
-# Rows of the shield matrix handled per matmul screening step.
-SCREEN_CHUNK_ROWS = 4096
+# In-memory sets this large are screened through features on the query device; smaller ones are verified in full.
+SCREEN_MIN_ROWS = 512
+# Candidate latents moved to the query device and verified per chunk.
+SCREEN_CHUNK_ROWS = 2048
+NEAREST_PROBE = 16
+NEAREST_CHUNK_ROWS = 2048
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -42,97 +48,144 @@ def exact_sq_distances(queries: torch.Tensor, shields: torch.Tensor) -> torch.Te
     return out
 
 
-def matmul_unit_roundoff(device: torch.device) -> float:
-    """Unit roundoff of a float32 matmul on ``device`` (TF32 keeps only 10 mantissa bits)."""
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0 ** -11
-    return torch.finfo(torch.float32).eps / 2
-
-
-def screening_tolerance(q_sq: torch.Tensor, z_sq: torch.Tensor, dim: int, unit_roundoff: float) -> torch.Tensor:
-    """Bound on the float error of ``||q||^2 + ||z||^2 - 2 q.z`` (Higham: ``|err(q.z)| <= gamma_D |q||z|``)."""
-    n_u = (dim + 4) * unit_roundoff
-    gamma = n_u / (1 - n_u) if n_u < 0.5 else 1.0
-    return 2 * gamma * (q_sq[:, None] + z_sq[None, :])
-
-
 class TensorShields:
-    """Shields held as one tensor; exact range search by float32 matmul screening + exact verification.
+    """Shields held in memory, off the sampling device, with exact range search.
 
-    The expansion ``||a||^2 + ||b||^2 - 2ab`` is fast but loses precision for large norms, so it is only
-    used to *screen* with a rigorous rounding-error margin; every survivor is verified by explicit
-    differences. Nothing is missed, and no ``[B, K, D]`` tensor is built.
+    The full latents stay on the CPU (fp16 when that is lossless or asked for with ``dtype=torch.float16``,
+    else float32). A set of ``screen_min_rows`` or more is screened through 65-number features
+    (:mod:`guidance.feature_screen`) kept on the device of the queries: one matmul per batch there, then only
+    the candidates' latents are moved to that device and verified exactly (float32 with a rigorous bound,
+    float64 where it cannot decide). Smaller sets are verified in full. A shield within ``r`` is never missed
+    and every reported one is within ``r`` (closed ball).
     """
 
-    def __init__(self, shields: torch.Tensor):
+    def __init__(self, shields: torch.Tensor, dtype: torch.dtype | None = None,
+                 screen_min_rows: int = SCREEN_MIN_ROWS):
         if shields.dim() < 2:
             raise ValueError(f"shields must be [K, ...] with at least one feature dim, got shape {tuple(shields.shape)}")
-        if not torch.isfinite(shields).all():
-            bad = (~torch.isfinite(flatten(shields))).any(-1).nonzero().flatten().tolist()
-            raise ValueError(f"shields contain NaN or Inf at indices {bad[:10]}{'...' if len(bad) > 10 else ''}")
-        self.shields = shields
+        check_finite(shields, "shields contain NaN or Inf")
+        self.shields = stored_latents(shields.detach(), dtype)
         self.item_shape = tuple(shields.shape[1:])
-        self._flat = flatten(shields).float()
-        self._sq_norms = self._flat.square().sum(-1)
+        self.screen_min_rows = int(screen_min_rows)
+        self._flat = flatten(self.shields)
+        self._map = None           # (mu, A) float64 on the CPU, fitted on first use
+        self._screens = {}         # device -> FeatureScreen (features resident there)
 
     def __len__(self) -> int:
         return self.shields.shape[0]
 
-    def to(self, device) -> "TensorShields":
-        if self.shields.device == torch.device(device):
-            return self
-        return TensorShields(self.shields.to(device))
+    @property
+    def screened(self) -> bool:
+        """True when queries go through the feature screen (else every shield is verified)."""
+        return len(self) >= max(1, self.screen_min_rows)
 
-    def _screened(self, queries: torch.Tensor, radius: float):
-        """Yield ``(start, candidate mask [B, chunk])`` for shields that may lie within ``radius``."""
-        q = flatten(queries).float().to(self._flat.device)
-        q_sq = q.square().sum(-1)
-        dim = q.shape[1]
-        u = matmul_unit_roundoff(q.device)
-        for start in range(0, len(self), SCREEN_CHUNK_ROWS):
-            z = self._flat[start:start + SCREEN_CHUNK_ROWS]
-            z_sq = self._sq_norms[start:start + SCREEN_CHUNK_ROWS]
-            approx = q_sq[:, None] + z_sq[None, :] - 2 * (q @ z.T)
-            yield start, approx <= radius * radius + screening_tolerance(q_sq, z_sq, dim, u)
+    def to(self, device) -> "TensorShields":
+        """Place the features on ``device`` now (they would be on first use); the latents stay on the CPU."""
+        if self.screened:
+            self.screen(torch.device(device))
+        return self
+
+    def screen(self, device: torch.device) -> FeatureScreen:
+        """The feature screen resident on ``device`` (features computed once, in float64 on the CPU)."""
+        # No lock (a source must stay deep-copyable): two threads racing here compute the same deterministic map.
+        if device not in self._screens:
+            if self._map is None:
+                sample = self._flat[torch.linspace(0, len(self) - 1, min(len(self), FIT_SAMPLE_ROWS)).long()]
+                self._map = fit_map(sample)
+            cpu = self._screens.get(torch.device("cpu"))
+            if cpu is None:
+                feats, norms = map_features(self._flat, *self._map)
+                cpu = FeatureScreen(feats, float(norms.max()))
+            self._screens[device] = cpu.to(device)
+        return self._screens[device]
+
+    def _queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` float32, or float64 when given so (answers are exact for the query as given)."""
+        q = flatten(queries)
+        q = q if q.dtype == torch.float64 else q.float()
+        if q.shape[1] != self._flat.shape[1]:
+            raise ValueError(f"queries of shape {tuple(queries.shape[1:])} do not match shields of shape {self.item_shape}")
+        check_finite(q, "queries contain NaN or Inf")
+        return q
+
+    def _candidates(self, q: torch.Tensor, radius) -> torch.Tensor:
+        if not self.screened:
+            return torch.arange(len(self))
+        feats, norms = map_features(q, *self._map_for(q.device))
+        return self.screen(q.device).candidates(feats, norms, radius)
+
+    def _map_for(self, device: torch.device):
+        self.screen(device)
+        return self._map
 
     def within_indices(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
-        """Sorted indices of every shield within ``radius`` (closed ball) of at least one query."""
-        hits = []
-        for start, mask in self._screened(queries, radius):
-            cand = mask.any(0).nonzero().flatten()
-            if cand.numel() == 0:
-                continue
-            idx = cand + start
-            exact = exact_sq_distances(queries, self._flat[idx])
-            hits.append(idx[(exact <= radius * radius).any(0)])
-        if not hits:
-            return torch.empty(0, dtype=torch.long, device=self._flat.device)
-        return torch.cat(hits)
+        """Sorted indices (int64, CPU) of every shield within ``radius`` (closed ball) of at least one query."""
+        if not (math.isfinite(radius) and radius >= 0):
+            raise ValueError(f"radius must be finite and >= 0, got {radius}")
+        q = self._queries(queries)
+        cand = self._candidates(q, radius)
+        if cand.numel() == 0:
+            return cand
+        return cand[within_mask(q, self._flat, radius, SCREEN_CHUNK_ROWS, rows=cand)]
 
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
-        return self._flat[self.within_indices(queries, radius)].reshape(-1, *self.item_shape)
+        idx = self.within_indices(queries, radius)
+        return self._flat[idx].to(queries.device).float().reshape(-1, *self.item_shape)
 
     def nearest(self, queries: torch.Tensor):
-        """Exact nearest shield per query: ``(distance [B], index [B])``.
+        """Exact nearest shield per query: ``(distance [B] float32, index [B] int64)`` on the queries' device.
 
-        Screens with the matmul expansion (upper bound on the nearest squared distance plus the rounding
-        margin), then verifies the few survivors by explicit differences.
+        Screened sets: the nearest rows in feature space give an upper bound ``U`` on the nearest distance;
+        every shield that may lie within ``U`` (the range screen) is then measured by explicit differences.
         """
-        q = flatten(queries).float().to(self._flat.device)
-        q_sq = q.square().sum(-1)
-        u = matmul_unit_roundoff(q.device)
-        approx = torch.cat([q_sq[:, None] + self._sq_norms[None, s:s + SCREEN_CHUNK_ROWS]
-                            - 2 * (q @ self._flat[s:s + SCREEN_CHUNK_ROWS].T)
-                            for s in range(0, len(self), SCREEN_CHUNK_ROWS)], dim=1)
-        tol = screening_tolerance(q_sq, self._sq_norms, q.shape[1], u)
-        bound = (approx + tol).min(1, keepdim=True).values
-        best = torch.full((q.shape[0],), math.inf, device=q.device)
-        best_idx = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        q = self._queries(queries)
+        best = torch.full((q.shape[0],), math.inf)
+        best_idx = torch.zeros(q.shape[0], dtype=torch.long)
+        if self.screened:
+            feats, norms = map_features(q, *self._map_for(q.device))
+            screen = self.screen(q.device)
+            probes = screen.nearest_rows(feats, NEAREST_PROBE)
         for b in range(q.shape[0]):
-            cand = (approx[b] - tol[b] <= bound[b]).nonzero().flatten()
-            d2 = exact_sq_distances(q[b:b + 1], self._flat[cand])[0]
-            best[b], best_idx[b] = d2.min(), cand[d2.argmin()]
-        return best.sqrt(), best_idx
+            cand = torch.arange(len(self))
+            if self.screened:
+                d2, _ = self._nearest_of(q[b:b + 1], probes[b])
+                bound = math.sqrt(d2) * (1 + 1e-6) + 1e-30
+                cand = screen.candidates(feats[b:b + 1], norms[b:b + 1], bound)
+            best[b], best_idx[b] = self._nearest_of(q[b:b + 1], cand)
+        return best.sqrt().to(q.device), best_idx.to(q.device)
+
+    def _nearest_of(self, q: torch.Tensor, rows: torch.Tensor) -> tuple[float, int]:
+        """``(squared distance, index)`` of the nearest of ``rows`` to one query, by explicit float32 differences."""
+        q = q.float()
+        best, best_row = math.inf, -1
+        for start in range(0, rows.numel(), NEAREST_CHUNK_ROWS):
+            part = rows[start:start + NEAREST_CHUNK_ROWS]
+            d2 = exact_sq_distances(q, self._flat[part])[0]
+            i = int(d2.argmin())
+            if float(d2[i]) < best:
+                best, best_row = float(d2[i]), int(part[i])
+        return best, best_row
+
+
+def check_finite(x: torch.Tensor, message: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(flatten(x))).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"{message} at indices {bad[:10]}{'...' if len(bad) > 10 else ''}")
+
+
+def stored_latents(shields: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The CPU copy SPELL compares against: fp16 if asked or lossless, else float32."""
+    cpu = shields.to("cpu")
+    if dtype is None:
+        half = cpu.to(torch.float16)
+        return half if torch.equal(half.float(), cpu.float()) else cpu.to(torch.float32, copy=True).contiguous()
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"shields are stored as torch.float16 or torch.float32, not {dtype}")
+    stored = cpu.to(dtype, copy=True).contiguous()
+    if not torch.isfinite(stored).all():
+        raise ValueError(f"shields exceed the range of {dtype} (largest |value| {float(cpu.abs().max()):.4g}); "
+                         f"store them as torch.float32")
+    return stored
 
 
 class AffineShields:

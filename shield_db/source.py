@@ -1,13 +1,24 @@
 """A database as a shield source (protocol of ``guidance.shields``): exact range and nearest search."""
 from __future__ import annotations
 
+import logging
 import math
 
+import faiss
 import numpy as np
 import torch
 
+from .projection import feature_error, features, gamma
 from .snapshot import Snapshot
-from .projection import gamma
+
+try:  # inside ComfyUI the pack is one package; in the WebUI and the tests guidance/ is a top-level sibling
+    from ..guidance.feature_screen import FeatureScreen
+except ImportError:
+    from guidance.feature_screen import FeatureScreen
+
+LOG = logging.getLogger("shielded_sampling")
+SCREENS = ("device", "index")
+FEATURE_CHECK_ROWS = 8
 
 DEFAULT_SMALL_SET_ROWS = 4096
 VERIFY_CHUNK_ROWS = 2048
@@ -21,19 +32,30 @@ class DatabaseShields:
     """Every live shield of a :class:`Snapshot`, in stored (VAE latent) space.
 
     Indices (``nearest``, :meth:`latents`, :meth:`sources`, :meth:`thumbnails`) count live shields in row
-    order. Range search: projected-feature FAISS candidates (a proven superset, see
-    :mod:`shield_db.projection`), then exact float64 distances on the memory-mapped fp16 latents. Sets with
+    order. Range search: candidates from the projected features (a proven superset, see
+    :mod:`shield_db.projection`), then exact distances on the fp16 latents read from the shards. Sets with
     fewer than ``small_set_rows`` shields skip the index and compare against all of them.
+
+    ``screen="device"`` (default): queries from an accelerator (CUDA, MPS, ...) are screened there: the live
+    rows' features stay resident on that device (129 float32 numbers per shield for new databases) and one
+    matmul per batch screens them (:class:`guidance.feature_screen.FeatureScreen`, the same bound widened for
+    that device's matmul rounding). Queries on the CPU use the index's own two-pass CPU screen, which is faster
+    there. ``screen="index"``: always the index's CPU screen (also the fallback when the stored features cannot
+    be read back).
     """
 
-    def __init__(self, snapshot: Snapshot, small_set_rows: int = DEFAULT_SMALL_SET_ROWS):
+    def __init__(self, snapshot: Snapshot, small_set_rows: int = DEFAULT_SMALL_SET_ROWS, screen: str = "device"):
+        if screen not in SCREENS:
+            raise ValueError(f"screen must be one of {list(SCREENS)}, got {screen!r}")
         self.snapshot = snapshot
         self.item_shape = snapshot.item_shape
         self.rows = snapshot.live_rows
         self.use_index = snapshot.index is not None and len(self.rows) >= small_set_rows
+        self.screen = screen
         live = np.zeros(snapshot.rows, dtype=bool)
         live[self.rows] = True
         self._live = live
+        self._screens = {}      # device -> FeatureScreen over the live rows (None: use the index's CPU screen)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -46,11 +68,59 @@ class DatabaseShields:
             raise ValueError("queries contain NaN or Inf")
         return q.numpy()
 
-    def _candidate_rows(self, q: np.ndarray, radius: float) -> np.ndarray:
+    def _candidate_rows(self, q: np.ndarray, radius: float, device=None) -> np.ndarray:
         if not self.use_index:
             return self.rows
-        cand = self.snapshot.index.candidates(q, radius)
-        return cand[self._live[cand]]
+        on_accelerator = device is not None and torch.device(device).type != "cpu"
+        screen = self.device_screen(device) if self.screen == "device" and on_accelerator else None
+        if screen is None:
+            cand = self.snapshot.index.candidates(q, radius)
+            return cand[self._live[cand]]
+        index = self.snapshot.index
+        feats, norms = features(q, index.mu, index.a)
+        found = screen.candidates(torch.from_numpy(feats), torch.from_numpy(norms), radius)
+        return self.rows[found.numpy()]
+
+    def device_screen(self, device=None) -> FeatureScreen | None:
+        """The live rows' features resident on ``device`` (default CPU), or None when they cannot be used."""
+        device = torch.device("cpu" if device is None else device)
+        if device not in self._screens:
+            cpu = self._screens.get(torch.device("cpu"), False)
+            if cpu is False:
+                cpu = self._cpu_screen()
+                self._screens[torch.device("cpu")] = cpu
+            self._screens[device] = None if cpu is None else cpu.to(device)
+        return self._screens[device]
+
+    def _cpu_screen(self) -> FeatureScreen | None:
+        """The stored float32 features of the live rows (a view of FAISS's own array when every row is live)."""
+        index = self.snapshot.index
+        try:
+            flat = index.index
+            width = int(flat.d)
+            if len(self.rows) == index.rows:
+                stored = np.asarray(faiss_rows(flat, index.rows, width))
+            else:
+                stored = faiss_rows(flat, index.rows, width)[self.rows]
+        except (AttributeError, RuntimeError, TypeError) as exc:
+            LOG.warning("shield_db: features of %s cannot be read back (%s); searching them with FAISS instead",
+                        self.snapshot.folder, exc)
+            return None
+        if not self._features_match(stored):
+            return None
+        return FeatureScreen(torch.from_numpy(stored), index.max_norm, feature_error(1.0))
+
+    def _features_match(self, stored: np.ndarray) -> bool:
+        """Recompute a few live rows' features: the stored ones must be the map the queries go through."""
+        pick = np.unique(np.linspace(0, len(self.rows) - 1, min(FEATURE_CHECK_ROWS, len(self.rows))).astype(np.int64))
+        index = self.snapshot.index
+        fresh, norms = features(self.snapshot.read_rows(self.rows[pick]), index.mu, index.a)
+        gap = np.linalg.norm(fresh.astype(np.float64) - stored[pick], axis=1)
+        if fresh.shape[1] == stored.shape[1] and (gap <= 2 * feature_error(norms) + 1e-30).all():
+            return True
+        LOG.warning("shield_db: stored features of %s do not match the feature map; searching them with FAISS "
+                    "instead", self.snapshot.folder)
+        return False
 
     def _exact_sq(self, q: np.ndarray, rows: np.ndarray):
         """Yield ``(rows chunk, fp16 latents, squared distances [B, chunk] float64)``."""
@@ -74,7 +144,7 @@ class DatabaseShields:
         if not math.isfinite(radius) or radius < 0:
             raise ValueError(f"radius must be finite and >= 0, got {radius}")
         q = self._queries(queries)
-        cand = self._candidate_rows(q, radius)
+        cand = self._candidate_rows(q, radius, queries.device)
         hits = [part[inside] for part, inside in self._verified(q, cand, radius)]
         found = np.concatenate(hits) if hits else np.zeros(0, np.int64)
         if len(found) > MAX_HITS:
@@ -128,7 +198,7 @@ class DatabaseShields:
                 if len(probe):
                     _, _, d2 = next(self._exact_sq(q[b:b + 1], np.sort(probe)))
                     bound = math.sqrt(float(d2.min())) * (1 + 1e-6) + 1e-30
-                    rows = self._candidate_rows(q[b:b + 1], bound)
+                    rows = self._candidate_rows(q[b:b + 1], bound, queries.device)
             for part, _, d2 in self._exact_sq(q[b:b + 1], rows):
                 i = int(d2[0].argmin())
                 if float(d2[0, i]) < best[b]:
@@ -147,3 +217,8 @@ class DatabaseShields:
         """Stored RGB previews ``uint8 [N, t, t, 3]`` of live shields, or ``None`` when none were stored."""
         thumbs = self.snapshot.read_thumbnails(self.rows[np.asarray(indices, np.int64).reshape(-1)])
         return None if thumbs is None else torch.from_numpy(thumbs)
+
+
+def faiss_rows(flat_index, rows: int, width: int) -> np.ndarray:
+    """``[rows, width]`` float32 vectors of a flat FAISS index: its own storage, not a copy."""
+    return faiss.rev_swig_ptr(flat_index.get_xb(), rows * width).reshape(rows, width)
