@@ -22,9 +22,10 @@ def patched_model(model, settings: ParticleSettings):
     the noise replacement (EDDY, start coupling)."""
     settings.validate()
     model_sampling = model.get_model_object("model_sampling")
+    noise = settings.mode == EDDY or bool(settings.grid())
     if settings.mode != EDDY and settings.strength != 0:
-        model = PredictionPatch(settings, model_sampling).apply(model)
-    if settings.mode == EDDY or settings.grid():
+        model = PredictionPatch(settings, model_sampling).apply(model, check_latent=not noise)
+    if noise:
         model = NoisePatch(settings, model_sampling).apply(model)
     return model
 

@@ -70,8 +70,10 @@ class PredictionPatch:
         self.settings.check_latent(args[4] if len(args) > 4 else kwargs["noise"])
         return executor(*args, **kwargs)
 
-    def apply(self, model):
+    def apply(self, model, check_latent: bool = True):
+        """The patched clone; ``check_latent`` False when another wrapper of the node already checks it."""
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self)
-        patched.add_wrapper_with_key(WRAPPERS.SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
+        if check_latent:
+            patched.add_wrapper_with_key(WRAPPERS.SAMPLER_SAMPLE, self.key, self.sampler_wrapper)
         return patched

@@ -164,8 +164,8 @@ def test_a_latent_no_space_can_embed_is_refused_before_sampling(particle_nodes):
     patch = model.model_options["sampler_post_cfg_function"][-1]
     with pytest.raises(ValueError, match=r"Particle Guidance: input 'space' is 'pooled NxN'.*shape \(2, 8, 33\).*"
                                          r"set space to 'latent'"):
-        patch.check_latent(torch.zeros(2, 8, 33))
-    patch.check_latent(torch.zeros(2, 16, 3, 4, 4))                        # video: accepted
+        patch.settings.check_latent(torch.zeros(2, 8, 33))
+    patch.settings.check_latent(torch.zeros(2, 16, 3, 4, 4))               # video: accepted
 
 
 # -- item 7: DNG on flow models --------------------------------------------------------------------------------
