@@ -19,6 +19,10 @@ from .errors import PostgresUnavailableError
 
 LOG = logging.getLogger("shielded_sampling")
 BIN_ENV = "SHIELD_PG_BIN"
+DATA_ENV = "SHIELD_PG_DATA"
+PORT_ENV = "SHIELD_PG_PORT"
+DEFAULT_PORT = 55432
+EMBEDDED = "embedded"
 START_TIMEOUT = 60.0
 INSTALL_HINT = ("install PostgreSQL's server binaries with the contrib modules (Debian/Ubuntu: `apt-get install "
                 "postgresql`; they bring initdb, pg_ctl, cube and postgres_fdw), or set $SHIELD_PG_BIN to their bin "
@@ -109,3 +113,18 @@ class EmbeddedServer:
     def stop(self, mode: str = "fast") -> None:
         if self.running():
             self._run("pg_ctl", "stop", "-w", "-m", mode, "-D", self.pgdata)
+
+
+def default_data_dir() -> Path:
+    """``$SHIELD_PG_DATA``, else ``~/.local/share/shielded-sampling/postgres``."""
+    return Path(os.environ.get(DATA_ENV) or Path.home() / ".local" / "share" / "shielded-sampling" / "postgres")
+
+
+def resolve_dsn(dsn: str | None, data_dir=None) -> str:
+    """``dsn`` itself, or for ``None`` / ``""`` / ``"embedded"`` the private server (started if needed) in
+    ``$SHIELD_PG_DATA``, else ``data_dir``, else :func:`default_data_dir`."""
+    if dsn and dsn.strip() != EMBEDDED:
+        return dsn
+    port = int(os.environ.get(PORT_ENV) or DEFAULT_PORT)
+    folder = os.environ.get(DATA_ENV) or data_dir or default_data_dir()
+    return EmbeddedServer(folder, port=port).start().dsn()

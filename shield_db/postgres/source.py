@@ -22,20 +22,13 @@ import numpy as np
 import torch
 
 from ..projection import features
-from ..source import ACCEPT_REL, MAX_HITS
+from ..source import MAX_HITS
 from .cells import reach, sql_limit, touched_cells
 from .errors import ShieldQueryError, require_psycopg
 from .store import read_basis, read_meta
+from .verify import within_mask
 
-VERIFY_CHUNK_ROWS = 2048
 NEAREST_PROBE = 16
-
-
-def exact_within(q64: torch.Tensor, latents: np.ndarray, radius: float) -> np.ndarray:
-    """Bool ``[n]``: shields within ``radius`` of some query, from float64 differences (``shield_db``'s acceptance)."""
-    z = torch.from_numpy(latents.reshape(len(latents), -1).astype(np.float64))
-    d2 = torch.stack([(z - qb).square().sum(1) for qb in q64])
-    return (d2 <= radius * radius * (1 + ACCEPT_REL)).any(0).numpy()
 
 
 class PostgresShields:
@@ -94,10 +87,10 @@ class PostgresShields:
             raise ValueError("queries contain NaN or Inf")
         return q.numpy()
 
-    def _candidates(self, q: np.ndarray, rho: np.ndarray, order_by_query: int | None = None, limit: int = 0):
+    def _candidates(self, q: np.ndarray, rho: np.ndarray):
         """``(rows, fp16 latents)`` of every stored shield whose feature lies within ``rho[b]`` of ``f(q_b)``."""
         mu, a = self.basis
-        fq, qnorm = features(q, mu, a)
+        fq, _ = features(q, mu, a)
         touched = touched_cells(fq, rho, self.centres, self.radii)
         cells = self.cell_ids[touched]
         if len(cells) == 0:
@@ -111,9 +104,6 @@ class PostgresShields:
         for f, lim in zip(fq, limits):
             params += [f.astype(np.float64).tolist(), float(lim)]
         query = f"SELECT row, latent FROM {self.s}.shields WHERE part = ANY(%s) AND cell = ANY(%s) AND ({where})"
-        if order_by_query is not None:
-            query += f" ORDER BY {dist} LIMIT {int(limit)}"
-            params.append(fq[order_by_query].astype(np.float64).tolist())
         found = self._sql(query, params)
         rows = np.array([r[0] for r in found], dtype=np.int64)
         z = np.stack([np.frombuffer(r[1], dtype=np.float16) for r in found]) if found else np.zeros((0, 1), np.float16)
@@ -134,10 +124,7 @@ class PostgresShields:
             empty = np.zeros(0, np.int64)
             return (empty, np.zeros((0, *self.item_shape), np.float16)) if with_latents else empty
         rows, z = self._candidates(q, self._rho(q, radius))
-        q64 = torch.from_numpy(q.astype(np.float64))
-        inside = np.zeros(len(rows), dtype=bool)
-        for start in range(0, len(rows), VERIFY_CHUNK_ROWS):
-            inside[start:start + VERIFY_CHUNK_ROWS] = exact_within(q64, z[start:start + VERIFY_CHUNK_ROWS], radius)
+        inside = within_mask(q, z.reshape(len(z), math.prod(self.item_shape)), radius)
         order = np.argsort(rows[inside], kind="stable")
         rows, z = rows[inside][order], z[inside][order]
         if len(rows) > MAX_HITS:

@@ -21,9 +21,11 @@ import numpy as np
 from ..database import MTIME, ROW, SHA, SIZE, SOURCE
 from ..errors import DatabaseLockedError
 from ..projection import FIT_SAMPLE_ROWS, features, fit_basis
-from . import schema as ddl
-from .cells import assign, default_cell_count, kmeans
 from .errors import PostgresUnavailableError, ShieldQueryError, require_psycopg
+
+require_psycopg()  # without psycopg: an error saying how to install it, before schema imports it
+from . import schema as ddl  # noqa: E402
+from .cells import assign, default_cell_count, kmeans  # noqa: E402
 
 LOG = logging.getLogger("shielded_sampling")
 FORMAT = "shield_db.postgres/1"
@@ -90,7 +92,8 @@ class PostgresShieldStore:
                                            options["server"], options["user"])
             meta = {"format": FORMAT, "item_shape": [int(s) for s in item_shape], "dtype": "float16",
                     "vae_fingerprint": vae_fingerprint, "target": target, "thumbnail_size": int(thumbnail_size),
-                    "skipped": [], "feature_type": kind, "parts": len(shards), "max_norm": 0.0, "fitted_rows": 0}
+                    "skipped": [], "feature_type": kind, "parts": len(shards), "max_norm": 0.0, "fitted_rows": 0,
+                    "generation": 0}
             with conn.cursor() as cur:
                 cur.executemany(f"INSERT INTO {self.schema}.meta VALUES (%s, %s)",
                                 [(k, json.dumps(v)) for k, v in meta.items()])
@@ -112,6 +115,14 @@ class PostgresShieldStore:
             txn.finish()
         finally:
             conn.close()  # ends the session: the advisory lock goes with it, uncommitted changes are rolled back
+
+    def committed_state(self) -> str:
+        """Changes with every commit (a counter in ``meta``); empty when the set does not exist."""
+        with self.connect() as conn:
+            if not conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{self.schema}.meta",)).fetchone()[0]:
+                return ""
+            row = conn.execute(f"SELECT value FROM {self.schema}.meta WHERE key = 'generation'").fetchone()
+            return f"{self.schema}:{row[0] if row else 0}"
 
     def source(self, **kwargs):
         from .source import PostgresShields
@@ -226,7 +237,8 @@ class Transaction:
                 if self._new:
                     self._store_new()
                 self._store_items()
-                self._save_meta("skipped", "max_norm", "fitted_rows")
+                self.body["generation"] = int(self.body.get("generation", 0)) + 1
+                self._save_meta("skipped", "max_norm", "fitted_rows", "generation")
         except Exception:
             self._reload_after_failure()
             raise
@@ -320,8 +332,9 @@ class Transaction:
             for table in ("items", "blobs", "cells", "basis"):
                 self.conn.execute(f"DELETE FROM {self.s}.{table}")
             self.conn.execute(f"DELETE FROM {self.s}.shields")
-            self.body.update(skipped=[], max_norm=0.0, fitted_rows=0)
-            self._save_meta("skipped", "max_norm", "fitted_rows")
+            self.body.update(skipped=[], max_norm=0.0, fitted_rows=0,
+                             generation=int(self.body.get("generation", 0)) + 1)
+            self._save_meta("skipped", "max_norm", "fitted_rows", "generation")
         self.__init__(self.store, self.conn)
 
     def reindex(self) -> None:
@@ -345,7 +358,8 @@ class Transaction:
                     self.conn.execute(f"DELETE FROM {self.s}.shields WHERE row = ANY(%s)", (rows,))
                     self.conn.execute(f"DELETE FROM {self.s}.blobs WHERE row = ANY(%s)", (rows,))
                     self._insert(chunk, basis, centres)
-            self._save_meta("max_norm", "fitted_rows")
+            self.body["generation"] = int(self.body.get("generation", 0)) + 1
+            self._save_meta("max_norm", "fitted_rows", "generation")
 
     def _read(self, rows: list) -> list:
         """``(row, sha, fp16 latent, thumbnail)`` of ``rows`` from the partitions."""
