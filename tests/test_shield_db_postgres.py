@@ -150,6 +150,15 @@ def test_sharded_across_servers_is_exact_and_pushes_the_filter_down(servers, ser
         f"EXPLAIN VERBOSE SELECT row FROM {store.schema}.shields WHERE part = ANY(%s) AND "
         f"cube_distance(feature, cube(%s::float8[])) <= 1", [[1, 2], [0.0] * 65]).fetchall())
     assert "Async Foreign Scan" in plan and "cube_distance" in plan.split("Remote SQL")[1]
+    # A commit landing after the coordinator's snapshot but before a shard's is detected (the shards' stamps)
+    late = store.source()
+    late.conn.rollback()
+    late.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    late._load()  # the coordinator's snapshot only: no shard touched yet
+    with store.writer() as w:
+        w.reindex()
+    assert not late.shards_match()
+    assert store.source().shards_match()
 
 
 def test_shard_down_is_an_error_never_no_hits(servers, server):
@@ -195,3 +204,31 @@ def test_bad_inputs_are_refused(server):
         src.within_rows(torch.full((1, *SHAPE), float("nan")), 1.0)
     with pytest.raises(ValueError, match="schema name"):
         PostgresShieldStore(server.dsn(), "Robert'); DROP TABLE x;--")
+
+
+def test_pgvector_features_on_pgserver_are_exact():
+    """The managed-Postgres path: features in pgvector's vector(65) (float32 sums, a wider SQL bound), here on the
+    PostgreSQL 16 + pgvector that the PyPI package pgserver bundles."""
+    from shield_db.postgres.server import pgserver_bin_dir
+    bin_dir = pgserver_bin_dir()
+    if bin_dir is None:
+        pytest.skip("pgserver not installed (pip install pgserver): the pgvector path is not exercised")
+    s = Servers()
+    try:
+        s.make = lambda folder, port: __import__("shield_db.postgres.server", fromlist=["x"]).EmbeddedServer(
+            folder, port=port, bin_dir=bin_dir)
+        server = s.new()
+        data = clustered(900, seed=23)
+        data[300:305] = data[30]
+        store = make_store(server.dsn(), data)
+        src = store.source()
+        assert src.feature_type == "vector"
+        queries = torch.from_numpy(data[[30, 400, 800]].astype(np.float32)) + 0.3
+        check_radii(src, data, queries)
+        q = torch.from_numpy(data[[30]].astype(np.float32))
+        q[0, 2, 3, 4] += 2.0
+        assert np.array_equal(src.within_rows(q, 2.0), brute_within(data, q, 2.0)[0])
+        _, d = brute_within(data, queries, 0)
+        assert src.nearest(queries)[1].tolist() == d.argmin(1).tolist()
+    finally:
+        s.close()

@@ -11,7 +11,9 @@ Coordinator (the server the DSN names)::
 
 ``feature`` is ``cube`` (contrib, float64, exact ``cube_distance``) or pgvector's ``vector(65)`` (float32). Partition
 ``p`` holds the cells with ``cell % parts == p``; it is a local table, or a postgres_fdw foreign table whose rows live
-on another server (:func:`attach_remote_part`).
+on another server (:func:`attach_remote_part`). Beside each partition, on its server, ``shields_p<p>_stamp`` holds the
+commit counter of the last commit that wrote there: a reader checks that every shard's stamp equals the coordinator's
+counter, i.e. that the shards' snapshots match the coordinator's.
 """
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ def create_part_table(conn, schema: str, table: str, feature_type: str, dim: int
     conn.execute(sql.SQL("ALTER TABLE {}.{} ALTER COLUMN latent SET STORAGE EXTERNAL").format(s, t))
     conn.execute(sql.SQL("CREATE INDEX ON {}.{} (cell)").format(s, t))
     conn.execute(sql.SQL("CREATE INDEX ON {}.{} (row)").format(s, t))
+    conn.execute(sql.SQL("CREATE TABLE {}.{} (generation bigint NOT NULL)").format(s, sql.Identifier(table + "_stamp")))
+    conn.execute(sql.SQL("INSERT INTO {}.{} VALUES (0)").format(s, sql.Identifier(table + "_stamp")))
 
 
 def attach_local_part(conn, name: str, part: int, feature_type: str, dim: int) -> None:
@@ -120,3 +124,7 @@ def attach_remote_part(conn, name: str, part: int, feature_type: str, dim: int, 
                          "OPTIONS (schema_name {rs}, table_name {rt})").format(
         s=sql.Identifier(schema), t=sql.Identifier(table), p=sql.Literal(int(part)), srv=sql.Identifier(server),
         rs=sql.Literal(schema), rt=sql.Literal(table)))
+    conn.execute(sql.SQL("CREATE FOREIGN TABLE {s}.{t} (generation bigint NOT NULL) SERVER {srv} "
+                         "OPTIONS (schema_name {rs}, table_name {rt})").format(
+        s=sql.Identifier(schema), t=sql.Identifier(table + "_stamp"), srv=sql.Identifier(server),
+        rs=sql.Literal(schema), rt=sql.Literal(table + "_stamp")))

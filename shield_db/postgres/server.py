@@ -36,11 +36,27 @@ def find_bin_dir() -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         candidates.append(str(Path(os.path.realpath(on_path)).parent))
+    bundled = pgserver_bin_dir()
+    if bundled:
+        candidates.append(str(bundled))
     for folder in candidates:
         if (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
             return Path(folder)
     raise PostgresUnavailableError(f"no PostgreSQL server binaries found (looked in {candidates or 'PATH'}): "
                                    + INSTALL_HINT)
+
+
+def pgserver_bin_dir() -> Path | None:
+    """The binaries bundled by the PyPI package ``pgserver`` (PostgreSQL 16 + pgvector, no cube/postgres_fdw)."""
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("pgserver")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    folder = Path(spec.origin).parent / "pginstall" / "bin"
+    return folder if (folder / "initdb").is_file() else None
 
 
 def run_as() -> str | None:

@@ -29,6 +29,7 @@ from .store import read_basis, read_meta
 from .verify import within_mask
 
 NEAREST_PROBE = 16
+SNAPSHOT_ATTEMPTS = 5
 
 
 class PostgresShields:
@@ -38,13 +39,28 @@ class PostgresShields:
         self.store, self.s = store, store.schema
         self.conn = store.connect()
         try:
-            self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            if statement_timeout_ms:
-                self.conn.execute(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
-            self._load()
+            for _ in range(SNAPSHOT_ATTEMPTS):
+                self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                if statement_timeout_ms:
+                    self.conn.execute(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
+                self._load()
+                if self.shards_match():
+                    return
+                self.conn.rollback()  # a commit landed between the coordinator's snapshot and a shard's: again
         except require_psycopg().Error as err:
             self.conn.close()
             raise ShieldQueryError(f"{store}: cannot open a snapshot: {err}") from None
+        self.conn.close()
+        raise ShieldQueryError(f"{store}: the shard servers kept changing while a snapshot was taken; try again")
+
+    def shards_match(self) -> bool:
+        """Every partition's commit stamp (read on its own server, opening its snapshot) equals the coordinator's."""
+        want = int(self.meta.get("generation", 0))
+        for part in range(int(self.meta["parts"])):
+            got = self.conn.execute(f"SELECT generation FROM {self.s}.shields_p{part}_stamp").fetchone()
+            if got is None or int(got[0]) != want:
+                return False
+        return True
 
     def _load(self) -> None:
         meta = read_meta(self.conn, self.s)

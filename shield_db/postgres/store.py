@@ -237,8 +237,8 @@ class Transaction:
                 if self._new:
                     self._store_new()
                 self._store_items()
-                self.body["generation"] = int(self.body.get("generation", 0)) + 1
-                self._save_meta("skipped", "max_norm", "fitted_rows", "generation")
+                self._save_meta("skipped", "max_norm", "fitted_rows")
+                self._next_generation()
         except Exception:
             self._reload_after_failure()
             raise
@@ -248,6 +248,14 @@ class Transaction:
         """Forget uncommitted changes (what is committed is what the database says)."""
         self.conn.rollback()
         self.__init__(self.store, self.conn)
+
+    def _next_generation(self) -> None:
+        """Count this commit, in ``meta`` and in every partition's stamp (on its own server), in this transaction."""
+        self.body["generation"] = int(self.body.get("generation", 0)) + 1
+        self._save_meta("generation")
+        for part in range(int(self.body["parts"])):
+            self.conn.execute(f"UPDATE {self.s}.{ddl.part_table(self.store.name, part)}_stamp SET generation = %s",
+                              (self.body["generation"],))
 
     def _save_meta(self, *keys) -> None:
         with self.conn.cursor() as cur:
@@ -332,9 +340,9 @@ class Transaction:
             for table in ("items", "blobs", "cells", "basis"):
                 self.conn.execute(f"DELETE FROM {self.s}.{table}")
             self.conn.execute(f"DELETE FROM {self.s}.shields")
-            self.body.update(skipped=[], max_norm=0.0, fitted_rows=0,
-                             generation=int(self.body.get("generation", 0)) + 1)
-            self._save_meta("skipped", "max_norm", "fitted_rows", "generation")
+            self.body.update(skipped=[], max_norm=0.0, fitted_rows=0)
+            self._save_meta("skipped", "max_norm", "fitted_rows")
+            self._next_generation()
         self.__init__(self.store, self.conn)
 
     def reindex(self) -> None:
@@ -358,8 +366,8 @@ class Transaction:
                     self.conn.execute(f"DELETE FROM {self.s}.shields WHERE row = ANY(%s)", (rows,))
                     self.conn.execute(f"DELETE FROM {self.s}.blobs WHERE row = ANY(%s)", (rows,))
                     self._insert(chunk, basis, centres)
-            self.body["generation"] = int(self.body.get("generation", 0)) + 1
-            self._save_meta("max_norm", "fitted_rows", "generation")
+            self._save_meta("max_norm", "fitted_rows")
+            self._next_generation()
 
     def _read(self, rows: list) -> list:
         """``(row, sha, fp16 latent, thumbnail)`` of ``rows`` from the partitions."""
