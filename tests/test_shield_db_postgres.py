@@ -129,6 +129,9 @@ def test_incremental_commits_refit_and_removal(server):
     for k in (1, 3, 20):
         r = float(dist.sort(1).values[:, k - 1].max())
         assert np.array_equal(src.within_rows(q, r), keep[brute_within(data[keep], q, r)[0]])
+    near_removed = torch.from_numpy(data[[6, 9]].astype(np.float32)) + 0.01  # rows 6, 9 are dead: never returned
+    _, d = brute_within(data[keep], near_removed, 0)
+    assert np.array_equal(src.rows, keep) and src.nearest(near_removed)[1].tolist() == d.argmin(1).tolist()
 
 
 def test_sharded_across_servers_is_exact_and_pushes_the_filter_down(servers, server):

@@ -79,6 +79,7 @@ class PostgresShields:
                                    "pack); rebuild it")
         live = self.conn.execute(f"SELECT row, min(source) FROM {self.s}.items GROUP BY row ORDER BY row").fetchall()
         self.rows = np.array([r[0] for r in live], dtype=np.int64)
+        self._live = set(self.rows.tolist())
         self._sources = [r[1] for r in live]
 
     def close(self) -> None:
@@ -173,14 +174,17 @@ class PostgresShields:
     def _upper_bound(self, q: np.ndarray, fq: np.ndarray) -> float:
         """A true distance to some live shield: best features of the cells nearest the query, verified exactly."""
         order = np.argsort(np.sqrt(((self.centres - fq) ** 2).sum(1)))
+        dist = "cube_distance(feature, cube(%s::float8[]))" if self.feature_type == "cube" \
+            else "(feature <-> %s::float4[]::vector)"
         for width in (1, 8, len(order)):
             cells = self.cell_ids[order[:width]]
             parts = sorted(set(self.cell_parts[order[:width]].tolist()))
+            last = width == len(order)  # every cell: only live rows, so the nearest live one is found
             found = self._sql(f"SELECT row, latent FROM {self.s}.shields WHERE part = ANY(%s) AND cell = ANY(%s) "
-                              f"AND row = ANY(%s) ORDER BY "
-                              + ("cube_distance(feature, cube(%s::float8[]))" if self.feature_type == "cube"
-                                 else "(feature <-> %s::float4[]::vector)") + f" LIMIT {NEAREST_PROBE}",
-                              [parts, cells.tolist(), self.rows.tolist(), fq.astype(np.float64).tolist()])
+                              + ("AND row = ANY(%s) " if last else "") + f"ORDER BY {dist} LIMIT {4 * NEAREST_PROBE}",
+                              [parts, cells.tolist()] + ([self.rows.tolist()] if last else [])
+                              + [fq.astype(np.float64).tolist()])
+            found = [r for r in found if r[0] in self._live]  # rows of removed files are not shields
             if found:
                 z = np.stack([np.frombuffer(r[1], dtype=np.float16) for r in found]).astype(np.float64)
                 d = math.sqrt(float(((z - q.astype(np.float64)) ** 2).sum(1).min()))
