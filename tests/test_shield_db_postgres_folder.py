@@ -78,3 +78,20 @@ def test_choosing_postgres_without_psycopg_says_how_to_install(monkeypatch):
     from shield_db.postgres.store import PostgresShieldStore
     with pytest.raises(PostgresUnavailableError, match=r"pip install \"psycopg\[binary\]\""):
         PostgresShieldStore("host=/nowhere dbname=x").exists()
+
+
+def test_cli_build_into_postgres(tmp_path, server):
+    """`python -m shield_db build --backend postgres` parses and builds (the encoder here is the fake VAE)."""
+    from shield_db.cli import parser
+    from shield_db.postgres.cli import build
+    from shield_db.postgres.store import PostgresShieldStore
+    args = parser().parse_args(["build", str(tmp_path), "--vae", "v.safetensors", "--width", str(W), "--height",
+                                str(H), "--backend", "postgres", "--dsn", server.dsn(), "--name", "cli_set",
+                                "--commit-rows", "2", "--shard", "local"])
+    assert args.backend == "postgres" and args.shard == ["local"]
+    folder = good_folder(tmp_path)
+    vae = FakeVAE()
+    assert build(args, folder, vae, ITEM, "fake-vae", None) == 0 and vae.images == 5
+    src = PostgresShieldStore(server.dsn(), "cli_set").source()
+    assert sorted(src.sources(range(len(src)))) == [f"img{i}.png" for i in range(5)]
+    assert parser().parse_args(["build", "f", "--vae", "v"]).backend == "files"  # the default is unchanged
