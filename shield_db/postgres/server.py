@@ -12,7 +12,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from .errors import PostgresUnavailableError
@@ -118,7 +117,7 @@ class EmbeddedServer:
     def running(self) -> bool:
         return self._run("pg_ctl", "status", "-D", self.pgdata, check=False).returncode == 0
 
-    def start(self) -> "EmbeddedServer":
+    def start(self) -> EmbeddedServer:
         self.init()
         if not self.running():
             self._run("pg_ctl", "start", "-w", "-t", int(START_TIMEOUT), "-D", self.pgdata,
