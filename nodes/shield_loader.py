@@ -109,24 +109,37 @@ class ShieldSetLoader:
             "rebuild": ("BOOLEAN", {"default": False, "tooltip":
                         "Discard this folder's cache and encode everything again (use it when the cache is "
                         "reported corrupt)."}),
+        }, "optional": {
+            "backend": (["files", "postgres"], {"default": "files", "tooltip":
+                        "files: cache in <folder>/.shield_db/ (default). postgres: a PostgreSQL shield set for very "
+                        "large sets, optionally partitioned over servers (needs the psycopg package; "
+                        "docs/shield_db_postgres.md)."}),
+            "dsn": ("STRING", {"default": "embedded", "tooltip":
+                    "postgres only: 'embedded' runs the pack's private server in user/shielded_sampling/postgres; "
+                    "or a libpq connection string / service (host=... dbname=... or service=...). Never put a "
+                    "password here (workflows are saved into images): use ~/.pgpass or a service file."}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, folder, width, height, resize, batch_size, rebuild, **_):
-        if rebuild or STORAGE_IMPORT_ERROR is not None:
-            return float("nan")
+    def IS_CHANGED(cls, folder, width, height, resize, batch_size, rebuild, backend="files", dsn="embedded", **_):
+        if rebuild or STORAGE_IMPORT_ERROR is not None or backend == "postgres":
+            return float("nan")  # postgres: every run takes a fresh snapshot (unchanged: a folder scan + one query)
         try:
             path = resolve(folder)
             return fingerprint(path, width, height, resize) + database_changes(path, width, height, resize)
         except ValueError as err:
             return str(err)
 
-    def load(self, folder, vae, width, height, resize, batch_size, rebuild=False):
+    def load(self, folder, vae, width, height, resize, batch_size, rebuild=False, backend="files", dsn="embedded"):
         require_storage()
         path = resolve(folder)
         fp = vae_fingerprint(vae)
         shape = latent_shape(vae, width, height)
         bar = comfy.utils.ProgressBar(1)
+        if backend == "postgres":
+            from .shield_loader_postgres import load_postgres  # psycopg only when chosen
+            return load_postgres(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size, rebuild, dsn,
+                                 bar, allowed_roots())
         try:
             result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
                                  thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,

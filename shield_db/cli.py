@@ -66,6 +66,10 @@ def cmd_build(args) -> int:
     vae.throw_exception_if_invalid()
     fp = vae_fingerprint(vae)
     folder = Path(args.folder).resolve()
+    if args.backend == "postgres":  # imported only when chosen: psycopg is optional
+        from .postgres.cli import build as build_postgres
+        return build_postgres(args, folder, vae_encoder(vae), latent_shape(vae, args.width, args.height,
+                                                                          "shield_db build"), fp, progress_bar())
     target = args.db or database_folder(folder, fp, args.width, args.height, args.resize)
     result = sync_folder(folder, vae_encoder(vae), latent_shape(vae, args.width, args.height, "shield_db build"),
                          args.width, args.height, args.resize, fp, batch_size=args.batch_size,
@@ -158,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
                                                                 "the last commit (default 256)")
     b.add_argument("--rebuild", action="store_true", help="discard the existing database and encode everything")
     b.add_argument("--cpu", action="store_true", help="encode on the CPU (automatic when no GPU is available)")
+    from .postgres.cli import add_arguments as add_postgres_arguments
+    add_postgres_arguments(b)
     b.set_defaults(run=cmd_build)
     for name, run, text in (("inspect", cmd_inspect, "counts, shapes and size on disk"),
                             ("verify", cmd_verify, "recompute every checksum")):
