@@ -11,18 +11,25 @@ import pytest
 PORTS = itertools.count(55400 + os.getpid() % 500 * 8)
 
 
+def skip_or_fail(reason: str):
+    """Skip with the reason; under CI (``SHIELDED_REQUIRE_HOSTS=1``) a missing piece fails the run instead."""
+    if os.environ.get("SHIELDED_REQUIRE_HOSTS") == "1":
+        pytest.fail(f"required here (SHIELDED_REQUIRE_HOSTS=1): {reason}")
+    pytest.skip(reason)
+
+
 def require_postgres():
     """Skip with a visible reason unless psycopg and PostgreSQL's server binaries (with cube) are here."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg not installed: pip install 'psycopg[binary]' to run the PostgreSQL shield source tests")
+        skip_or_fail("psycopg not installed: pip install 'psycopg[binary]' to run the PostgreSQL shield source tests")
     from shield_db.postgres.errors import PostgresUnavailableError
     from shield_db.postgres.server import find_bin_dir
     try:
         bin_dir = find_bin_dir()
     except PostgresUnavailableError as err:
-        pytest.skip(f"PostgreSQL server binaries not found ({err})")
+        skip_or_fail(f"PostgreSQL server binaries not found ({err})")
     share = bin_dir.parent / "share" if (bin_dir.parent / "share").is_dir() else None
     return bin_dir, share
 

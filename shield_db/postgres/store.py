@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..database import MTIME, ROW, SHA, SIZE, SOURCE
+from ..manifest import MTIME, ROW, SHA, SIZE, SOURCE
 from ..errors import DatabaseLockedError
 from ..projection import FIT_SAMPLE_ROWS, features, fit_basis
 from .errors import PostgresUnavailableError, ShieldQueryError, require_psycopg

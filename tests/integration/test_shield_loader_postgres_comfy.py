@@ -18,6 +18,9 @@ from test_shield_loader_comfy import (DENOISE, SIZE, STEPS, counted, load, loade
 try:
     import psycopg  # noqa: F401
 except ImportError:
+    if os.environ.get("SHIELDED_REQUIRE_HOSTS") == "1":
+        raise RuntimeError("psycopg is required here (SHIELDED_REQUIRE_HOSTS=1) but missing from this host's Python; "
+                           "tests/host/setup.sh installs tests/requirements.txt")
     pytest.skip("psycopg is not installed in this host's Python (pip install 'psycopg[binary]'): the PostgreSQL "
                 "backend of the Shield Set Loader is not tested", allow_module_level=True)
 
@@ -28,6 +31,8 @@ def embedded(pack):
     try:
         server_mod.find_bin_dir()
     except Exception as err:  # PostgresUnavailableError from the pack's own import path
+        if os.environ.get("SHIELDED_REQUIRE_HOSTS") == "1":
+            pytest.fail(f"PostgreSQL server binaries are required here (SHIELDED_REQUIRE_HOSTS=1): {err}")
         pytest.skip(f"PostgreSQL server binaries not found: {err}")
     root = tempfile.mkdtemp(prefix="shield-pg-node-")
     os.chmod(root, 0o711)  # a server run as 'postgres' (when we are root) must enter it
