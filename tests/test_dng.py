@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from benchmarks.dng_mixture import (
-    DngDenoiser, GaussianMixture, forbidden_rate, karras_sigmas, sample_euler_ancestral, tracking_error,
+    DngDenoiser, GaussianMixture, forbidden_rate, tracking_error,
 )
 from guidance.dng import (
     DngParams, DngTrace, PosteriorTracker, clamp_log_posterior, ddpm_step_mean, ddpm_step_variance, dng_scale,
     log_posterior_increment, negative_guidance, negative_prompting,
 )
+from guidance.sampling import karras_sigmas, sample_euler_ancestral
 
 MIX_1D = GaussianMixture.make([0.35, 0.3, 0.35], [-3.0, 0.0, 3.0], [0.6, 0.6, 0.6])
 MIX_2D = GaussianMixture.make([0.2, 0.5, 0.3], [[-2.0, 1.0], [1.5, 0.5], [0.0, -2.5]], [0.5, 0.8, 0.4])
@@ -39,15 +40,15 @@ def test_exact_posterior_dng_is_cfg_toward_complement(mix, forbidden, sigma):
 def test_exact_posterior_dng_samples_the_target_and_np_does_not():
     params = DngParams(lam0=1.0, prior=0.3, tau=1.0, delta=0.0, p_min=1e-6, p_max=0.999)
     gen = torch.Generator().manual_seed(1)
-    sigmas = karras_sigmas(60)
+    sigmas = karras_sigmas(60, sigma_min=0.002, sigma_max=20.0)
     x = torch.randn(4000, 1, generator=gen, dtype=torch.float64) * sigmas[0]
-    out = sample_euler_ancestral(DngDenoiser(MIX_1D, 1, params, "exact", 4000), x.clone(), sigmas, gen)
+    out = sample_euler_ancestral(DngDenoiser(MIX_1D, 1, params, "exact", 4000), x.clone(), sigmas, generator=gen)
     assert forbidden_rate(MIX_1D, out, 1) < 0.012  # the target itself has ~0.6% mass nearer the middle mode
     side = out[out.reshape(-1).abs() > 1.5].reshape(-1)
     assert abs(side.abs().mean().item() - 3.0) < 0.1  # kept modes stay where they are
     np_params = DngParams(lam0=2.0, prior=0.3, tau=1.0, delta=0.0, p_min=1e-6, p_max=0.999, mode="constant")
     gen = torch.Generator().manual_seed(1)
-    out_np = sample_euler_ancestral(DngDenoiser(MIX_1D, 1, np_params, "exact", 4000), x.clone(), sigmas, gen)
+    out_np = sample_euler_ancestral(DngDenoiser(MIX_1D, 1, np_params, "exact", 4000), x.clone(), sigmas, generator=gen)
     assert out_np.abs().mean().item() > 4.0  # NP at a safe scale pushes the kept modes far out
 
 
@@ -56,10 +57,10 @@ def test_tracked_posterior_follows_exact_along_chains(mix, forbidden):
     prior = float(mix.weights[forbidden])
     params = DngParams(lam0=1.0, prior=prior, tau=1.0, delta=0.0, p_min=1e-9, p_max=1 - 1e-6)
     gen = torch.Generator().manual_seed(2)
-    sigmas = karras_sigmas(200, sigma_max=40.0)
+    sigmas = karras_sigmas(200, sigma_min=0.002, sigma_max=40.0)
     x = torch.randn(512, mix.dim, generator=gen, dtype=torch.float64) * sigmas[0]
     den = DngDenoiser(mix, forbidden, params, "tracked", 512)
-    sample_euler_ancestral(den, x, sigmas, gen)
+    sample_euler_ancestral(den, x, sigmas, generator=gen)
     mean_err, p95_err = tracking_error(den.log)
     assert mean_err < 0.04 and p95_err < 0.12, (mean_err, p95_err)  # measured: 1-D ~0.01, 2-D ~0.022 / 0.057
     final_t, final_e = den.log[-1][1], den.log[-1][2]
