@@ -8,7 +8,8 @@ import faiss
 import numpy as np
 import torch
 
-from .projection import feature_error, features, gamma
+from .exact import pair_mask
+from .projection import feature_error, features
 from .snapshot import Snapshot
 
 try:  # inside ComfyUI the pack is one package; in the WebUI and the tests guidance/ is a top-level sibling
@@ -25,7 +26,6 @@ VERIFY_CHUNK_ROWS = 2048
 MAX_HITS = 65536
 NEAREST_PROBE = 16
 # Exact distances are computed in float64 from fp16 shields and float32 queries; relative error < D * 2^-52.
-ACCEPT_REL = 1e-9
 
 
 class DatabaseShields:
@@ -133,14 +133,8 @@ class DatabaseShields:
             yield part, z, d2
 
     def within_rows(self, queries: torch.Tensor, radius: float) -> np.ndarray:
-        """Sorted live global rows within ``radius`` (closed ball) of at least one query.
-
-        Candidates are screened in float32 around the queries' mean ``c``: ``d2 = ||q'||^2 + ||z'||^2 - 2 q'.z'``
-        with ``q' = fl(q - c)``, ``z' = fl(z - c)``. Rounding moves ``||q' - z'||`` from ``||q - z||`` by at most
-        ``u (||q - c|| + ||z - c||)`` and ``d2`` from ``||q' - z'||^2`` by at most ``2 gamma_{D+2} (||q'||^2 +
-        ||z'||^2)`` (Higham, any summation order); only pairs these bounds cannot decide are recomputed by
-        float64 differences.
-        """
+        """Sorted live global rows within ``radius`` (closed ball) of at least one query; candidates are
+        verified by :func:`shield_db.exact.pair_mask` (float32 with a rigorous bound, float64 where in doubt)."""
         if not math.isfinite(radius) or radius < 0:
             raise ValueError(f"radius must be finite and >= 0, got {radius}")
         q = self._queries(queries)
@@ -154,30 +148,9 @@ class DatabaseShields:
 
     def _verified(self, q: np.ndarray, rows: np.ndarray, radius: float):
         """Yield ``(rows chunk, bool mask of rows within radius of a query)``: float32 screen, float64 on doubt."""
-        centre = torch.from_numpy(q).mean(0)
-        qc = torch.from_numpy(q) - centre
-        qc_sq = qc.square().sum(1)
-        u, g = 2.0 ** -24, gamma(q.shape[1] + 2, 2.0 ** -24)
-        q_len = qc_sq.double().sqrt() * (1 + 2 * g)
         for start in range(0, len(rows), VERIFY_CHUNK_ROWS):
             part = rows[start:start + VERIFY_CHUNK_ROWS]
-            raw = self.snapshot.read_rows(part).reshape(len(part), -1)
-            zc = torch.from_numpy(raw).float().sub_(centre)  # in place: the fp16 -> f32 copy is the costly pass
-            zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
-            scale = (qc_sq[:, None] + zc_sq[None, :]).double()
-            d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
-            slack = 2 * g * scale * (1 + 4 * g) + 1e-300
-            shift = u * (q_len[:, None] + zc_sq.double().sqrt()[None, :] * (1 + 2 * g))
-            upper = (d2 + slack).sqrt() + shift
-            lower = (d2 - slack).clamp_min(0).sqrt() - shift
-            inside = upper <= radius
-            unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
-            if unsure:
-                q64 = torch.from_numpy(q.astype(np.float64))
-                for b, j in unsure:
-                    z64 = torch.from_numpy(raw[j].astype(np.float64))
-                    inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
-            yield part, inside.any(0).numpy()
+            yield part, pair_mask(q, self.snapshot.read_rows(part), radius).any(0).numpy()
 
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         rows = self.within_rows(queries, radius)

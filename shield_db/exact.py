@@ -1,0 +1,43 @@
+"""The exact acceptance test of a range query: which stored fp16 latents lie within ``radius`` of which queries.
+
+A float32 screen around the queries' mean decides every pair its rounding bound can decide (Higham: the computed
+``||q'||^2 + ||z'||^2 - 2 q'.z'`` is within ``2 gamma_{D+2} (||q'||^2 + ||z'||^2)`` of ``||q' - z'||^2``, and
+centring moves distances by at most ``u (||q - c|| + ||z - c||)``); the rest are recomputed by float64 differences
+and accepted at ``d^2 <= r^2 (1 + ACCEPT_REL)``. Used by the file database (``shield_db.source``) and the
+PostgreSQL source (``shield_db.postgres.verify``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .projection import gamma
+
+ACCEPT_REL = 1e-9
+
+
+def pair_mask(q: np.ndarray, latents: np.ndarray, radius: float) -> torch.Tensor:
+    """Bool ``[B, n]``: ``||q_b - z_j|| <= radius`` for float32 queries ``q [B, D]`` and fp16 ``latents [n, ...]``."""
+    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    raw = latents.reshape(len(latents), -1)
+    centre = qt.mean(0)
+    qc = qt - centre
+    qc_sq = qc.square().sum(1)
+    u, g = 2.0 ** -24, gamma(q.shape[1] + 2, 2.0 ** -24)
+    q_len = qc_sq.double().sqrt() * (1 + 2 * g)
+    zc = torch.from_numpy(raw).float().sub_(centre)  # in place: the fp16 -> f32 copy is the costly pass
+    zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
+    scale = (qc_sq[:, None] + zc_sq[None, :]).double()
+    d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
+    slack = 2 * g * scale * (1 + 4 * g) + 1e-300
+    shift = u * (q_len[:, None] + zc_sq.double().sqrt()[None, :] * (1 + 2 * g))
+    upper = (d2 + slack).sqrt() + shift
+    lower = (d2 - slack).clamp_min(0).sqrt() - shift
+    inside = upper <= radius
+    unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
+    if unsure:
+        q64 = qt.double()
+        for b, j in unsure:
+            z64 = torch.from_numpy(raw[j].astype(np.float64))
+            inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
+    return inside
