@@ -177,18 +177,25 @@ def sync_folder(folder, encode: Callable[[np.ndarray], "np.ndarray"], item_shape
         if txn.body["vae_fingerprint"] != vae_fingerprint or txn.body["target"] != target:
             raise ValueError(f"shield database {db.folder} was built for another VAE or size "
                              f"({txn.body['target']}); rebuild it")
-        old_skipped = {s["source"]: s for s in txn.body["skipped"]}
-        present = {e.source for e in entries}
-        for source in txn.sources():
-            if source not in present and txn.remove(source):
-                result.removed += 1
-        todo = _plan(txn, entries, result, old_skipped, interrupted)
-        _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress,
-                    interrupted)
-        txn.set_skipped(result.skipped)
+        apply_folder(txn, entries, encode, width, height, resize, batch_size, thumbnail_size, result, progress,
+                     interrupted)
     if result.skipped:
         LOG.warning("Shield Set Loader: %s", result.summary())
     return result
+
+
+def apply_folder(txn, entries: list[FileEntry], encode, width: int, height: int, resize: str, batch_size: int,
+                 thumbnail_size: int, result: SyncResult, progress, interrupted) -> None:
+    """Inside a writer transaction (file database or PostgreSQL): drop removed files, reuse unchanged and known
+    content, encode the rest, remember the skipped files."""
+    old_skipped = {s["source"]: s for s in txn.body["skipped"]}
+    present = {e.source for e in entries}
+    for source in txn.sources():
+        if source not in present and txn.remove(source):
+            result.removed += 1
+    todo = _plan(txn, entries, result, old_skipped, interrupted)
+    _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress, interrupted)
+    txn.set_skipped(result.skipped)
 
 
 def _unchanged(db: ShieldDatabase, entries: list[FileEntry], others: list[dict], vae_fingerprint: str,

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..folder import SyncResult, _encode_all, _plan, scan
+from ..folder import SyncResult, apply_folder, scan
 from .store import PostgresShieldStore, connect, read_meta
 
 LOG = logging.getLogger("shielded_sampling")
@@ -48,15 +48,8 @@ def sync_folder_postgres(folder, encode: Callable[[np.ndarray], np.ndarray], ite
             raise ValueError(f"{store} was built for another VAE or size ({txn.body['target']}); rebuild it")
         if tuple(txn.item_shape) != tuple(item_shape):
             raise ValueError(f"{store} holds shields of shape {txn.item_shape}, not {tuple(item_shape)}; rebuild it")
-        old_skipped = {s["source"]: s for s in txn.body["skipped"]}
-        present = {e.source for e in entries}
-        for source in txn.sources():
-            if source not in present and txn.remove(source):
-                result.removed += 1
-        todo = _plan(txn, entries, result, old_skipped, interrupted)
-        _encode_all(txn, todo, encode, width, height, resize, batch_size, thumbnail_size, result, progress,
-                    interrupted)
-        txn.set_skipped(result.skipped)
+        apply_folder(txn, entries, encode, width, height, resize, batch_size, thumbnail_size, result, progress,
+                     interrupted)
     if result.skipped:
         LOG.warning("Shield Set Loader: %s", result.summary())
     return result, store
