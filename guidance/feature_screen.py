@@ -1,8 +1,9 @@
-"""Exact range search through 65-number features held on the sampling device.
+"""Exact range search through low-dimensional features held on the sampling device.
 
-The feature map is the one of ``shield_db/projection.py``: with a centre ``mu`` and ``A`` [D, k] of spectral norm
-``<= 1`` (a scaled PCA basis), ``f(x) = [A^T (x - mu), n(x - mu)]`` with ``n(v)^2 = ||v||^2 - ||A^T v||^2``, so
-``||f(q) - f(z)|| <= ||q - z||`` and a range query on features returns a superset of the true hits.
+The feature map (one definition for the in-memory sets and for ``shield_db``, whose ``projection.py`` derives it
+and wraps it for numpy): with a centre ``mu`` and ``A`` [D, k] of spectral norm ``<= 1`` (a scaled PCA basis),
+``f(x) = [A^T (x - mu), n(x - mu)]`` with ``n(v)^2 = ||v||^2 - ||A^T v||^2``, so ``||f(q) - f(z)|| <= ||q - z||``
+and a range query on features returns a superset of the true hits.
 
 Float bounds, from exactly representable inputs:
 - features are computed in float64 on the CPU and stored in float32: ``||f^(x) - f(x)|| <= e ||x - mu||`` with
@@ -87,8 +88,9 @@ def fit_map(sample: torch.Tensor, dim: int = FEATURE_DIM, seed: int = 0) -> tupl
 
 
 def check_feature_bound(dim: int) -> None:
-    """The feature error bound holds while ``sqrt(3 gamma_{D+2}) + 2^-24 << FEATURE_REL_ERROR`` (float64)."""
-    bound = math.sqrt(3 * gamma(dim + 2, 2.0 ** -53)) + U32 + 8 * gamma(dim + 2, 2.0 ** -53)
+    """The feature error bound holds while ``sqrt(3 gamma_{D+2}) + 2^-24 << FEATURE_REL_ERROR`` (float64);
+    ``2^-23`` more covers shield_db's coarse screening features (``shield_db.feature_index.coarse_features``)."""
+    bound = math.sqrt(3 * gamma(dim + 2, 2.0 ** -53)) + U32 + 2 * U32 + 8 * gamma(dim + 2, 2.0 ** -53)
     if bound > FEATURE_REL_ERROR / 2:
         raise ValueError(f"feature error bound {bound:.2e} too large for D={dim}")
 

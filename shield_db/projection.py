@@ -18,60 +18,31 @@ D = 4096), ``n`` error ``<= sqrt(|err(n^2)|) <= sqrt(3 gamma_{D+2}) ||v||`` (~1.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-FEATURE_REL_ERROR = 1e-5
-FIT_SAMPLE_ROWS = 8192
-SPECTRAL_SAFETY = 1.0 + 1e-9
+try:  # inside ComfyUI the pack is one package; in the WebUI, the CLI and the tests guidance/ is a top-level sibling
+    from ..guidance import feature_screen as _map
+except ImportError:
+    from guidance import feature_screen as _map
 
-
-def gamma(n: int, unit_roundoff: float) -> float:
-    """Higham's ``gamma_n = n u / (1 - n u)``."""
-    nu = n * unit_roundoff
-    if nu >= 0.5:
-        raise ValueError(f"gamma_n undefined for n={n}, u={unit_roundoff}")
-    return nu / (1 - nu)
-
-
-def check_feature_bound(dim: int) -> None:
-    """The derivation above holds while ``sqrt(3 gamma_{D+2}) + 2^-24 << FEATURE_REL_ERROR``.
-
-    ``2^-23`` more covers the coarse screening features' own rounding (``feature_index.coarse_features``).
-    """
-    bound = math.sqrt(3 * gamma(dim + 2, 2.0 ** -53)) + 2.0 ** -24 + 2.0 ** -23 + 8 * gamma(dim + 2, 2.0 ** -53)
-    if bound > FEATURE_REL_ERROR / 2:
-        raise ValueError(f"feature error bound {bound:.2e} too large for D={dim}")
+FeatureScreen = _map.FeatureScreen
+FEATURE_REL_ERROR = _map.FEATURE_REL_ERROR
+FIT_SAMPLE_ROWS = _map.FIT_SAMPLE_ROWS
+gamma = _map.gamma
+check_feature_bound = _map.check_feature_bound
 
 
 def fit_basis(sample: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(mu [D], A [D, k])`` in float64 from a sample ``[n, D]``: top-``k`` PCA directions, ``||A||_2 <= 1``."""
-    x = torch.from_numpy(np.asarray(sample, dtype=np.float32).reshape(len(sample), -1))
-    n, big_d = x.shape
-    check_feature_bound(big_d)
-    mu = x.double().mean(0)
-    k = max(0, min(int(dim), n - 1, big_d))
-    if k == 0:
-        return mu.numpy(), np.zeros((big_d, 0))
-    torch.manual_seed(seed)
-    q = min(k + 10, n, big_d)
-    # The directions only need to be good, not exact: exactness rests on ||A||_2 <= 1, enforced in float64.
-    _, _, v = torch.svd_lowrank(x - mu.float(), q=q, niter=2)
-    basis, _ = torch.linalg.qr(v[:, :k].double())
-    spectral = float(torch.linalg.matrix_norm(basis, ord=2)) * SPECTRAL_SAFETY
-    return mu.numpy(), (basis / spectral).numpy()
+    mu, a = _map.fit_map(torch.from_numpy(np.asarray(sample, dtype=np.float32)), dim, seed)
+    return mu.numpy(), a.numpy()
 
 
 def features(x: np.ndarray, mu: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(f(x) [n, k+1] float32, ||x - mu|| [n] float64)`` for rows ``x [n, D]`` (any float dtype)."""
-    xc = torch.from_numpy(np.asarray(x).reshape(len(x), -1).astype(np.float64)) - torch.from_numpy(mu)
-    proj = xc @ torch.from_numpy(a)
-    norm_sq = xc.square().sum(1)
-    residual = (norm_sq - proj.square().sum(1)).clamp_min(0).sqrt()
-    feats = torch.cat([proj, residual[:, None]], 1)
-    return feats.to(torch.float32).numpy(), norm_sq.sqrt().numpy()
+    feats, norms = _map.map_features(torch.from_numpy(np.asarray(x)), torch.from_numpy(mu), torch.from_numpy(a))
+    return feats.numpy(), norms.numpy()
 
 
 def feature_error(norm: np.ndarray | float) -> np.ndarray | float:

@@ -9,13 +9,8 @@ import numpy as np
 import torch
 
 from .exact import pair_mask
-from .projection import feature_error, features
+from .projection import FeatureScreen, feature_error, features
 from .snapshot import Snapshot
-
-try:  # inside ComfyUI the pack is one package; in the WebUI and the tests guidance/ is a top-level sibling
-    from ..guidance.feature_screen import FeatureScreen
-except ImportError:
-    from guidance.feature_screen import FeatureScreen
 
 LOG = logging.getLogger("shielded_sampling")
 SCREENS = ("device", "index")
