@@ -38,7 +38,8 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..guidance.dng import DngParams, DngTrace, PosteriorTracker, add_negative_guidance
-from .hooks import WRAPPERS, SigmaWindow, check_percents, signal_scale
+from ..guidance.window import SigmaWindow
+from .hooks import WRAPPERS, check_percents, sigma_window, signal_scale
 
 LOG = logging.getLogger("shielded_sampling")
 
@@ -114,7 +115,7 @@ class DngSession:
             guider.conds[self.key] = [c.copy() for c in comfy.sampler_helpers.convert_cond(self.concept)]
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         run = DngRun(guider=guider, tracker=PosteriorTracker(self.params, noise.shape[0]),
-                     window=SigmaWindow.of(model_sampling, self.start_percent, self.end_percent),
+                     window=sigma_window(model_sampling, self.start_percent, self.end_percent),
                      model_sampling=model_sampling)
         guider.model_options.setdefault("transformer_options", {})[self.key] = run
         self.trace.start_run()

@@ -58,7 +58,7 @@ class EddyNoiseRun:
         self.generator = seeded_generator(seed, SEED_OFFSET)
         self.blend_generator = seeded_generator(seed, BLEND_SEED_OFFSET)
         self.strength, self.embedding, self.bandwidth = strength, embedding, bandwidth
-        self.window = window            # a nodes.hooks.SigmaWindow
+        self.window = window            # a guidance.window.SigmaWindow
         self.grid = grid
         self.latest = None
         self.draws = self.correlated = 0

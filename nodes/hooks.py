@@ -1,39 +1,26 @@
 """One convention for the pack's ComfyUI hooks: the wrapper keys (ComfyUI's own enum), the active sigma window
-and the model's signal scale. SPELL, DNG and particle guidance all use these."""
+(``guidance/window.py``, shared with the WebUI) and the model's signal scale. SPELL, DNG and particle guidance all
+use these."""
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 
 import comfy.patcher_extension
 
+from ..guidance import window
+from ..guidance.window import SigmaWindow
+
 WRAPPERS = comfy.patcher_extension.WrappersMP
 
 
 def check_percents(node: str, start_percent: float, end_percent: float) -> None:
-    """The inputs ``start_percent``/``end_percent`` must satisfy ``0 <= start <= end <= 1``."""
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"{node}: inputs 'start_percent'/'end_percent' must satisfy 0 <= start <= end <= 1 "
-                         f"(got {start_percent}, {end_percent}); 0 and 1 act on every step")
+    """The node's inputs ``start_percent``/``end_percent`` must satisfy ``0 <= start <= end <= 1``."""
+    window.check_percents(f"{node}: inputs 'start_percent'/'end_percent'", start_percent, end_percent)
 
 
-@dataclass(frozen=True)
-class SigmaWindow:
-    """The noise levels ``end <= sigma <= start`` a guidance acts on (sigma falls as sampling proceeds)."""
-
-    start: float = math.inf
-    end: float = 0.0
-
-    @classmethod
-    def of(cls, model_sampling, start_percent: float, end_percent: float) -> "SigmaWindow":
-        """The window of the model's own percent -> sigma map (0 = the first step, 1 = the last)."""
-        return cls(float(model_sampling.percent_to_sigma(start_percent)),
-                   float(model_sampling.percent_to_sigma(end_percent)))
-
-    def __contains__(self, sigma: float) -> bool:
-        return self.end <= sigma <= self.start
+def sigma_window(model_sampling, start_percent: float, end_percent: float) -> SigmaWindow:
+    """The active window of a ComfyUI model (its ``model_sampling.percent_to_sigma``)."""
+    return SigmaWindow.of(model_sampling.percent_to_sigma, start_percent, end_percent)
 
 
 def signal_scale(model_sampling, sigma: float) -> float:

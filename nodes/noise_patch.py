@@ -17,7 +17,7 @@ from ..guidance.coupling import couple_noise, design
 from ..guidance.eddy import exact_marginal_noise
 from ..guidance.embeddings import make_embedding
 from .eddy_noise import START_SEED_OFFSET, EddyNoiseRun, accepts_noise_sampler, seeded_normal
-from .hooks import WRAPPERS, SigmaWindow
+from .hooks import WRAPPERS, sigma_window
 from .particle_settings import EDDY, NODE, SPACES, ParticleSettings
 
 LOG = logging.getLogger("shielded_sampling")
@@ -30,7 +30,7 @@ class NoisePatch:
     def __init__(self, settings: ParticleSettings, model_sampling):
         self.settings = settings
         self.embedding = make_embedding(SPACES[settings.space], settings.pool_size)
-        self.window = SigmaWindow.of(model_sampling, settings.start_percent, settings.end_percent)
+        self.window = sigma_window(model_sampling, settings.start_percent, settings.end_percent)
         self.key = f"shielded_particle_noise_{id(self)}"
         self.run = None
 

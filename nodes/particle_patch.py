@@ -19,7 +19,7 @@ import torch
 from ..guidance.eddy_drift import eddy_drift
 from ..guidance.embeddings import make_embedding
 from ..guidance.particle import particle_guidance
-from .hooks import WRAPPERS, SigmaWindow, signal_scale
+from .hooks import WRAPPERS, sigma_window, signal_scale
 from .particle_settings import EDDY_PROBES, NODE, PG, SPACES, ParticleSettings
 
 LOG = logging.getLogger("shielded_sampling")
@@ -32,7 +32,7 @@ class PredictionPatch:
         self.settings = settings
         self.model_sampling = model_sampling
         self.embedding = make_embedding(SPACES[settings.space], settings.pool_size)
-        self.window = SigmaWindow.of(model_sampling, settings.start_percent, settings.end_percent)
+        self.window = sigma_window(model_sampling, settings.start_percent, settings.end_percent)
         self.logged_single = False
         self.key = f"shielded_particle_{id(self)}"
 

@@ -28,7 +28,8 @@ from ..guidance import spell
 from ..reporting.report import OutputRecord, SpellReport, step_record
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
-from .hooks import WRAPPERS, SigmaWindow, check_percents
+from ..guidance.window import SigmaWindow
+from .hooks import WRAPPERS, check_percents, sigma_window
 
 LOG = logging.getLogger("shielded_sampling")
 INIT_LEAVE = "leave it"            # init_image_shield choices
@@ -222,7 +223,7 @@ class SpellPatch:
                              shield_set_name=getattr(s.shield_set, "name", "") or "")
         self.last_report = report
         run = RunState(settings=s, source=source, shield_count=shield_count, history_count=history_count,
-                       sigmas=sig, window=SigmaWindow.of(model_sampling, s.start_percent, s.end_percent),
+                       sigmas=sig, window=sigma_window(model_sampling, s.start_percent, s.end_percent),
                        report=report,
                        elements=elements, radius=radius, guider=guider, sigma_tensor=sigmas)
         if shields is not None and tuple(shields.item_shape) != tuple(s.shield_set.item_shape):

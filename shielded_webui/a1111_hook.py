@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from guidance.window import SigmaWindow
+
 from .settings import SCRIPT, STATE_ATTRIBUTE, SettingsError, ShieldedSettings
 
 
@@ -62,14 +64,15 @@ def percent_to_sigma(alphas_cumprod: torch.Tensor, percent: float) -> float:
     return float(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
 
 
-def sigma_window(sd_model, settings: ShieldedSettings) -> tuple[float, float]:
+def sigma_window(sd_model, settings: ShieldedSettings) -> SigmaWindow:
     if settings.start_percent <= 0.0 and settings.end_percent >= 1.0:
-        return math.inf, 0.0
+        return SigmaWindow()
     alphas = getattr(sd_model, "alphas_cumprod", None)
     if alphas is None:
         raise SettingsError(f"{SCRIPT}: this checkpoint has no alphas_cumprod, so the active window cannot be "
                             f"placed; set it to 0 .. 1")
-    return percent_to_sigma(alphas.cpu(), settings.start_percent), percent_to_sigma(alphas.cpu(), settings.end_percent)
+    return SigmaWindow.of(lambda percent: percent_to_sigma(alphas.cpu(), percent), settings.start_percent,
+                          settings.end_percent)
 
 
 def latent_scale(sd_model) -> tuple[float, float]:

@@ -7,9 +7,9 @@ latents, so they are seen through that (scalar affine) map.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from guidance.window import SigmaWindow
 
 from . import shield_folder
 from .settings import SCRIPT, SettingsError, ShieldedSettings
@@ -48,17 +48,15 @@ def latent_affine(fn, item_shape: tuple) -> tuple[float, float]:
     return a, -b / a
 
 
-def sigma_window(unet, settings: ShieldedSettings) -> tuple[float, float]:
-    """``(sigma_start, sigma_end)`` of the active window, from the model's own percent -> sigma map."""
+def sigma_window(unet, settings: ShieldedSettings) -> SigmaWindow:
+    """The active window, from the model's own percent -> sigma map."""
     if settings.start_percent <= 0.0 and settings.end_percent >= 1.0:
-        return math.inf, 0.0
+        return SigmaWindow()
     sampling = getattr(unet.model, "model_sampling", None) or getattr(unet.model, "predictor", None)
     if sampling is None or not hasattr(sampling, "percent_to_sigma"):
         raise SettingsError(f"{SCRIPT}: this model has no percent -> sigma map, so the active window cannot be "
                             f"placed; set it to 0 .. 1")
-    start = math.inf if settings.start_percent <= 0.0 else float(sampling.percent_to_sigma(settings.start_percent))
-    end = 0.0 if settings.end_percent >= 1.0 else float(sampling.percent_to_sigma(settings.end_percent))
-    return start, end
+    return SigmaWindow.of(sampling.percent_to_sigma, settings.start_percent, settings.end_percent)
 
 
 def install(p, settings: ShieldedSettings, item_shape: tuple, shield_source=None, shield_name: str = "") -> SpellRun:

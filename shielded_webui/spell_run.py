@@ -15,6 +15,7 @@ import torch
 from guidance import history, spell
 from reporting.report import INSIDE_RTOL, OutputRecord, SpellReport, step_record
 from guidance.shields import AffineShields, ConcatShields, ExcludedShields
+from guidance.window import SigmaWindow
 
 from .settings import SCRIPT, DEFAULT_HISTORY_CAP, INIT_EXCLUDE, ShieldedSettings, raw_radius
 
@@ -34,7 +35,7 @@ class SpellRun:
     """Per-pass state: shields in the sampler's space, raw radius, active window, report."""
 
     def __init__(self, settings: ShieldedSettings, item_shape: tuple, scale: float, shift: float,
-                 shield_set=None, sigma_window: tuple[float, float] = (math.inf, 0.0), shield_name: str = ""):
+                 shield_set=None, window: SigmaWindow = SigmaWindow(), shield_name: str = ""):
         self.settings = settings
         self.item_shape = tuple(item_shape)
         self.scale, self.shift = float(scale), float(shift)
@@ -49,7 +50,7 @@ class SpellRun:
         self.source = model_space(ConcatShields(sources), self.scale, self.shift) if sources else None
         self.elements = int(math.prod(self.item_shape))
         self.radius = raw_radius(settings.radius_rms, self.elements)
-        self.sigma_start, self.sigma_end = float(sigma_window[0]), float(sigma_window[1])
+        self.window = window
         self.repelled: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None    # inpainting: the host's nmask (1 = repainted), None without one
         self.kept: torch.Tensor | None = None    # ... and the latent it keeps where the mask is 0
@@ -92,7 +93,7 @@ class SpellRun:
 
     # -- per model evaluation ------------------------------------------------------------------------
     def in_window(self, sigma: float) -> bool:
-        return self.sigma_end <= sigma <= self.sigma_start
+        return sigma in self.window
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         """Forge-family post-CFG function: ``args`` has ``denoised`` (x0_hat), ``input`` (x_t) and ``sigma``."""
