@@ -19,31 +19,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-CONTEXT_DIM = 64   # text-context width of every tiny family
+from shield_harness import CONTEXT_DIM, randomise, tiny_unet_config  # the shared tiny UNet (tests/tiny_unet.py)
+
 POOLED_DIM = 32    # pooled-text width where a family uses one
 SDXL_ADM_TIME = 6 * 256  # SDXL's six size/crop timestep embeddings (model_base.SDXL.encode_adm)
 
 
-def _unet_config(**overrides) -> dict:
-    """The SD1.5-style tiny UNet of shield_harness, with overrides."""
-    cfg = {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": CONTEXT_DIM, "use_temporal_resblock": False, "use_temporal_attention": False,
-        "num_heads": 2, "num_head_channels": -1,
-    }
-    cfg.update(overrides)
-    return cfg
-
-
 def sd15_config() -> dict:
-    return _unet_config()
+    return tiny_unet_config()
 
 
 def sdxl_config() -> dict:
-    return _unet_config(use_linear_in_transformer=True, num_classes="sequential",
+    return tiny_unet_config(use_linear_in_transformer=True, num_classes="sequential",
                         adm_in_channels=POOLED_DIM + SDXL_ADM_TIME)
 
 
@@ -105,7 +92,7 @@ class Family:
         config.set_inference_dtype(torch.float32, None)
         model = config.get_model({}, device=torch.device("cpu"))
         model.diffusion_model.to(torch.float32)
-        randomise(model.diffusion_model, seed, self.output_layer)
+        randomise(model.diffusion_model, torch.Generator().manual_seed(seed), self.output_layer)
         return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                 offload_device=torch.device("cpu"))
 
@@ -136,29 +123,6 @@ class Family:
         import torch
         gen = torch.Generator().manual_seed(seed)
         return {"samples": torch.randn(self.latent_shape(batch, size), generator=gen) * scale}
-
-
-def randomise(module, seed: int, output_layer: str):
-    """ComfyUI creates layers without initialising them: small random weights, unit norms, zero biases;
-    the final projection scaled down so the prediction stays near unit scale."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.numel() == 0:
-                continue
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name or name.endswith(".scale"):
-                param.fill_(1.0)
-            else:
-                fan_in = max(1, param[0].numel()) if param.dim() > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
-            if name.startswith(output_layer) and name.endswith("weight"):
-                param.mul_(0.05)
-        for name, buf in module.named_buffers():
-            if name.endswith("pos_embed") and buf.is_floating_point():  # MMDiT: a torch.empty buffer
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.02)
 
 
 FAMILIES: dict[str, Family] = {

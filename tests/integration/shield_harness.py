@@ -14,7 +14,10 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 PACK_MODULE = "comfyui_shielded_sampling"
-CONTEXT_DIM = 64
+
+if str(PACK_ROOT / "tests") not in sys.path:  # the host-free tiny-model helpers shared by every host test
+    sys.path.insert(0, str(PACK_ROOT / "tests"))
+from tiny_unet import CONTEXT_DIM, randomise, tiny_unet_config  # noqa: E402,F401
 
 
 def comfy_path() -> Path | None:
@@ -52,17 +55,6 @@ def pack_submodule(name: str):
     return importlib.import_module(f"{PACK_MODULE}.{name}")
 
 
-def tiny_unet_config() -> dict:
-    return {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": CONTEXT_DIM, "use_temporal_resblock": False, "use_temporal_attention": False,
-        "num_heads": 2, "num_head_channels": -1,
-    }
-
-
 def sd15_unet_config() -> dict:
     """The real SD1.5 UNet shape (320 channels, context 768): random weights, realistic cost."""
     cfg = tiny_unet_config()
@@ -85,25 +77,9 @@ def tiny_model(seed: int = 0, unet_config: dict | None = None):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.to(torch.float32)
-    _randomise(model.diffusion_model, seed)
+    randomise(model.diffusion_model, torch.Generator().manual_seed(seed), output_layer="out.2")
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=torch.device("cpu"))
-
-
-def _randomise(module, seed: int):
-    """ComfyUI creates layers without initialising them: give every weight a small random value."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                fan_in = max(1, param[0].numel()) if param.dim() > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
-        module.out[-1].weight.mul_(0.05)  # keep the predicted noise near unit scale
 
 
 def conditioning(seed: int, tokens: int = 8, width: int = CONTEXT_DIM):

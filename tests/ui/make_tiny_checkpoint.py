@@ -14,32 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny-model helpers
+from tiny_unet import randomise, tiny_unet_config  # noqa: E402
+
 SEED = 0
 
 
 def unet_config() -> dict:
-    return {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-        "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-        "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
-        "num_heads": 8, "num_head_channels": -1,
-    }
-
-
-def randomise(module, gen):
-    """ComfyUI builds layers uninitialised: small random weights, unit norms, zero biases."""
-    import torch
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name or "ln_" in name or "layer_norm" in name:
-                param.fill_(1.0)
-            else:
-                fan_in = max(1, param[0].numel()) if param.dim() > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
+    """SD1.5 as ComfyUI detects it (320 channels, context 768), cut to one level and one block."""
+    return tiny_unet_config(model_channels=320, num_res_blocks=[1], transformer_depth=[1],
+                            transformer_depth_output=[1, 1], channel_mult=[1], context_dim=768, num_heads=8)
 
 
 def build(out: Path):
@@ -60,9 +44,7 @@ def build(out: Path):
     config = comfy.supported_models.SD15(unet_config())
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
-    randomise(model.diffusion_model, gen)
-    with torch.no_grad():
-        model.diffusion_model.out[-1].weight.mul_(0.05)   # predicted noise near unit scale
+    randomise(model.diffusion_model, gen, output_layer="out.2")
 
     clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None)
     randomise(clip.cond_stage_model, gen)

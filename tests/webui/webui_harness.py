@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-CONTEXT_DIM = 64
+if str(PACK_ROOT / "tests") not in sys.path:  # the host-free tiny-model helpers shared by every host test
+    sys.path.insert(0, str(PACK_ROOT / "tests"))
+from tiny_unet import CONTEXT_DIM, randomise, tiny_unet_config  # noqa: E402,F401
 
 
 def webui_path() -> Path | None:
@@ -101,31 +103,6 @@ def load_script():
     return script_loading.load_module(str(PACK_ROOT / "scripts" / "shielded_sampling.py"))
 
 
-def _randomise(module, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                fan_in = max(1, param[0].numel()) if param.dim() > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
-        module.out[-1].weight.mul_(0.05)
-
-
-def tiny_unet_config() -> dict:
-    return {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": CONTEXT_DIM, "use_temporal_resblock": False, "use_temporal_attention": False,
-        "num_heads": 2, "num_head_channels": -1,
-    }
-
-
 def tiny_sd_model(seed: int = 0):
     """A tiny SD1.5-config model in the host's own UNet patcher (reForge's ldm_patched or Forge's backend)."""
     if flavour(webui_path()) == "forge":
@@ -144,7 +121,7 @@ def tiny_sd_model_reforge(seed: int = 0):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.to(torch.float32)
-    _randomise(model.diffusion_model, seed)
+    randomise(model.diffusion_model, torch.Generator().manual_seed(seed), output_layer="out.2")
     unet = UnetPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     objects = ForgeSD(unet=unet, clip=None, vae=None, clipvision=None)
     sd = types.SimpleNamespace(get_learned_conditioning=random_conditioning, model=types.SimpleNamespace(conditioning_key="crossattn"),
@@ -174,7 +151,7 @@ def tiny_sd_model_forge(seed: int = 0):
         channel_mult=cfg["channel_mult"], num_heads=cfg["num_heads"], use_spatial_transformer=True,
         transformer_depth=cfg["transformer_depth"], transformer_depth_output=cfg["transformer_depth_output"],
         transformer_depth_middle=cfg["transformer_depth_middle"], context_dim=CONTEXT_DIM)
-    _randomise(unet, seed)
+    randomise(unet, torch.Generator().manual_seed(seed), output_layer="out.2")
     cpu = torch.device("cpu")
     unet.storage_dtype = unet.computation_dtype = torch.float32
     unet.load_device = unet.offload_device = unet.initial_device = cpu
