@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from guidance import kernels
+from guidance import kernels, spell
 from guidance import shields as shields_mod
-from guidance import spell
 from guidance.shields import AffineShields, ConcatShields, TensorShields
 from guidance.spell import sparse_repellency
 
