@@ -269,10 +269,6 @@ class SpellWrapper:
                              distance=float(dist[k]), repelled=bool(moved[k]) if k < len(moved) else False)
                 for k in range(b)]
 
-    @property
-    def history_steps(self) -> list:
-        return [s for run in self.runs for s in run.steps]
-
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x0_hat = self.model(x, sigma)
         s = float(sigma.reshape(-1)[0])
