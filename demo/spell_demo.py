@@ -8,7 +8,8 @@ Writes into ``demo_output/`` at the repo root:
 - ``diversity.png``: the terrain consistency model, a batch without and with SPELL (intra-batch + shields from an
   earlier run), numbered tiles, orange frame = SPELL intervened, "nearest = peer k / shield k" with the distance in
   the radius slider's per-element units;
-- ``activity.png`` (share of trajectories corrected per step, the paper's Fig. 5) and ``report.txt``.
+- ``activity.png``: the nodes' SPELL activity chart of that run (``reporting.plots``; the paper's Fig. 5): samples
+  corrected and relative correction size per step, and which sample was corrected at which step; ``report.txt``.
 """
 from __future__ import annotations
 
