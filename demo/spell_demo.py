@@ -8,7 +8,8 @@ Writes into ``demo_output/`` at the repo root:
 - ``diversity.png``: the terrain consistency model, a batch without and with SPELL (intra-batch + shields from an
   earlier run), numbered tiles, orange frame = SPELL intervened, "nearest = peer k / shield k" with the distance in
   the radius slider's per-element units;
-- ``activity.png`` (share of trajectories corrected per step, the paper's Fig. 5) and ``report.txt``.
+- ``activity.png``: the nodes' SPELL activity chart of that run (``reporting.plots``; the paper's Fig. 5): samples
+  corrected and relative correction size per step, and which sample was corrected at which step; ``report.txt``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from demo.mnist_data import load_train_images, mnist_folder
 from demo.tune_terrain import grain
 from guidance.kernels import median_pairwise_distance, pairwise_distances
 from guidance.sampling import SpellWrapper, sample
+from reporting.plots import activity_chart
 
 LOG = logging.getLogger("shielded_sampling.demo")
 
@@ -106,53 +108,6 @@ def draw_diversity(shields, plain, spelled, corrected, radius_rms, settings: str
     return (lab0, d0), (lab1, d1), moved
 
 
-def draw_activity(wrapper: SpellWrapper, path: Path):
-    """Bar chart per step: share of trajectories corrected (orange) and mean relative magnitude (blue)."""
-    run_rec = wrapper.runs[-1]
-    active = run_rec.active_matrix().float().mean(1).tolist()
-    rel = run_rec.relative_matrix()
-    rel_mean = [float(r[a].mean()) if a.any() else 0.0 for r, a in zip(rel, run_rec.active_matrix())]
-    rel_top = max(max(rel_mean), 1e-12)
-    sigmas = [s.sigma for s in run_rec.steps]
-    act = run_rec.active_matrix()
-    cell = 16
-    w, h, left, bottom, top = 900, 330, 70, 60, 50
-    img = Image.new("RGB", (w, h + 40 + cell * act.shape[1]), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), "SPELL activity per denoising step (paper Fig. 5)", fill="black", font=font(16))
-    plot_h = h - bottom - top
-    d.line([left, top, left, h - bottom, w - 20, h - bottom], fill="black")
-    for frac in (0, 0.5, 1.0):
-        y = h - bottom - frac * plot_h
-        d.line([left - 4, y, left, y], fill="black")
-        d.text((left - 40, y - 7), f"{frac:.1f}", fill="black", font=font(12))
-    n = len(sigmas)
-    slot = (w - 20 - left) / n
-    for i, (a, r, s) in enumerate(zip(active, rel_mean, sigmas)):
-        x = left + i * slot
-        d.rectangle([x + 0.15 * slot, h - bottom - a * plot_h, x + 0.48 * slot, h - bottom], fill=ORANGE)
-        d.rectangle([x + 0.52 * slot, h - bottom - r / rel_top * plot_h, x + 0.85 * slot, h - bottom],
-                    fill=(60, 110, 200))
-        d.text((x + 0.2 * slot, h - bottom - a * plot_h - 16), f"{a:.2f}", fill=ORANGE, font=font(11))
-        d.text((x + 0.5 * slot, h - bottom - r / rel_top * plot_h - 16), f"{100 * r:.2f}%", fill=(60, 110, 200),
-               font=font(11))
-        d.text((x + 0.2 * slot, h - bottom + 6), f"sigma {s:.0f}", fill="black", font=font(12))
-    y0 = h + 30
-    d.text((10, y0 - 24), "per sample (rows) and step (columns): orange = corrected", fill="black", font=font(13))
-    for b in range(act.shape[1]):
-        d.text((left - 60, y0 + b * cell), f"sample {b + 1}", fill="black", font=font(11))
-        for i in range(act.shape[0]):
-            x = left + i * slot + 0.15 * slot
-            d.rectangle([x, y0 + b * cell + 1, x + 0.7 * slot, y0 + (b + 1) * cell - 2],
-                        fill=ORANGE if act[i, b] else (225, 225, 225))
-    d.text((left, h - 28), "orange: share of trajectories corrected (axis)   blue: mean ||correction|| / "
-                           "||x - x0_hat|| of corrected ones (% labels, bars scaled to the largest)", fill="black",
-           font=font(12))
-    img.save(path)
-
-
-
-
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="bash demo/run.sh", description=__doc__.splitlines()[0])
     g = ap.add_argument_group("protection (MNIST)")
@@ -207,7 +162,9 @@ def diversity_part(args, lines):
                 f"overcompensation {args.overcompensation:g}, {window}")
     (lab0, d0), (lab1, d1), moved = draw_diversity(shields, plain, spelled, corrected, radius_rms, settings,
                                                    args.out / "diversity.png")
-    draw_activity(wrapper, args.out / "activity.png")
+    # the nodes' activity chart (reporting.plots), with sigma labels and the per-sample grid of the paper's Fig. 5b
+    chart = activity_chart(wrapper.runs[-1], width=900, x_labels="sigma", per_sample=True)
+    chart.image.save(args.out / "activity.png")
     act = wrapper.runs[-1].active_matrix()
     changed = [m > 0 for m in moved]
     texture = (grain(spelled) / grain(plain))[torch.tensor(changed, dtype=torch.bool)]

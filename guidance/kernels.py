@@ -10,6 +10,15 @@ import math
 
 import torch
 
+# Elements of one ``[B, chunk, D]`` block of explicit differences held at once (float32: 64 MiB); SPELL's eq. 5
+# terms and the exact shield distances are both computed block by block under this one limit.
+DIFF_BLOCK_ELEMENTS = 16 * 1024 * 1024
+
+
+def diff_block_rows(batch: int, dim: int) -> int:
+    """Rows of the other set per ``[batch, rows, dim]`` difference block: at least 1, at most the block limit."""
+    return max(1, DIFF_BLOCK_ELEMENTS // max(1, batch * dim))
+
 
 def pairwise_sq_distances(e: torch.Tensor) -> torch.Tensor:
     """``||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij`` for a batch ``e [N, d]``, ``G`` the Gram matrix of the rows

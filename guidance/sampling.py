@@ -11,7 +11,7 @@ prediction before the sampler steps (SPELL: Kirchhof et al. 2025, Algorithm 2, l
     for seed in range(4):
         noise = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(seed))
         images = sample(guided, noise, sigmas, sampler="euler")   # later batches repel from earlier ones
-    guided.history_steps  # per-step activity records (Fig. 5 of the SPELL paper)
+    guided.runs[-1]       # SpellReport of the last run (the nodes' type): reporting.plots.activity_chart draws it
 
 Schedules: :func:`karras_sigmas` (EDM eq. 5) and :func:`ddpm_sigmas` (discrete DDPM betas seen as
 sigmas, ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``). Samplers: :func:`sample_euler`,
@@ -21,13 +21,13 @@ sigmas, ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``). Samplers: :func:`sample_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .shields import ConcatShields, TensorShields
 from .spell import sparse_repellency
+from .spell_record import OutputRecord, SpellReport, step_record
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Schedule = Union[float, Callable[[float], float]]
@@ -195,39 +195,6 @@ def sample(model: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, sampler: 
 
 # ----------------------------------------------------------------------------- SPELL as a wrapper
 
-@dataclass
-class StepRecord:
-    """SPELL activity at one denoiser call (per-sample tensors are ``[B]``)."""
-
-    sigma: float
-    radius: float
-    active: torch.Tensor            # bool: the prediction was corrected
-    delta_norm: torch.Tensor        # ||x0_hat' - x0_hat||
-    relative: torch.Tensor          # ||x0_hat' - x0_hat|| / ||x - x0_hat||: share of the score (paper Fig. 5a)
-    shields_hit: torch.Tensor       # shields (incl. batch peers) containing x0_hat
-    inside_after: torch.Tensor      # bool: still inside a known shield after the correction
-
-
-@dataclass
-class RunRecord:
-    """All denoiser calls of one sampling run."""
-
-    steps: list = field(default_factory=list)
-
-    def active_matrix(self) -> torch.Tensor:
-        """``[steps, B]`` bool matrix of corrected predictions."""
-        return torch.stack([s.active for s in self.steps]) if self.steps else torch.zeros(0, 0, dtype=torch.bool)
-
-    def relative_matrix(self) -> torch.Tensor:
-        """``[steps, B]`` relative correction magnitudes."""
-        return torch.stack([s.relative for s in self.steps]) if self.steps else torch.zeros(0, 0)
-
-    def corrected_samples(self) -> torch.Tensor:
-        """``[B]`` bool: SPELL intervened at least once on this sample (the paper's orange borders)."""
-        m = self.active_matrix()
-        return m.any(0) if m.numel() else torch.zeros(0, dtype=torch.bool)
-
-
 def _schedule_value(value: Schedule, sigma: float, name: str) -> float:
     out = float(value(sigma)) if callable(value) else float(value)
     if not (math.isfinite(out) and out >= 0):
@@ -236,13 +203,15 @@ def _schedule_value(value: Schedule, sigma: float, name: str) -> float:
 
 
 class SpellWrapper:
-    """Denoiser wrapper applying SPELL (eq. 5 + eq. 7) to every prediction; records activity per step.
+    """Denoiser wrapper applying SPELL (eq. 5 + eq. 7) to every prediction; reports what it did per run.
 
     ``radius`` / ``overcompensation``: numbers, or callables ``sigma -> value`` (schedules; a radius
     of 0 switches SPELL off at that sigma). ``shields``: tensor ``[K, ...]``, shield source or None.
     ``history=True``: final outputs passed to :meth:`end_run` (done by :func:`sample`) become shields
     of later runs (the paper's repellency from previous batches). ``runs`` holds one
-    :class:`RunRecord` per sampling run; a run starts when sigma goes up again.
+    :class:`~guidance.spell_record.SpellReport` per sampling run (the type the nodes emit; a run starts
+    when sigma goes up again): one step record per denoiser call, and after :meth:`end_run` one output
+    record per sample with its nearest protected shield (``-1``: nearest is a remembered output).
     """
 
     def __init__(self, model: Denoiser, radius: Schedule, shields=None, intra_batch: bool = False,
@@ -255,7 +224,7 @@ class SpellWrapper:
         self.intra_batch, self.exact, self.history = bool(intra_batch), bool(exact), bool(history)
         self.remembered: list = []
         self._remembered_source = None   # built once per change: its feature screen is fitted on first use
-        self.runs: list = []
+        self.runs: list[SpellReport] = []
         self._last_sigma = -math.inf      # a call at a higher sigma than the last one opens a new run
 
     def shield_source(self):
@@ -269,46 +238,58 @@ class SpellWrapper:
             return None
         return sources[0] if len(sources) == 1 else ConcatShields(sources)
 
+    def new_report(self, x0_hat: torch.Tensor) -> SpellReport:
+        """The report of a run that starts now; schedules fill radius and overcompensation as they are used."""
+        return SpellReport(radius=0.0, radius_rms=0.0, elements=x0_hat[0].numel(), sigmas=[],
+                           overcompensation=0.0 if callable(self.overcompensation) else float(self.overcompensation),
+                           shield_count=len(self.shields) if self.shields is not None else 0,
+                           history_count=sum(len(r) for r in self.remembered),
+                           intra_batch=self.intra_batch, exact=self.exact)
+
     def end_run(self, final: torch.Tensor):
-        """Close the current run; with ``history`` its outputs become shields of the next runs."""
+        """Close the current run: record its outputs; with ``history`` they become shields of the next runs."""
+        if self.runs and self._last_sigma > -math.inf:
+            self.runs[-1].outputs = self.output_records(final, self.runs[-1])
         if self.history:
             self.remembered.append(final.detach().float().cpu())
             self._remembered_source = None
         self._last_sigma = -math.inf
 
-    @property
-    def history_steps(self) -> list:
-        return [s for run in self.runs for s in run.steps]
+    def output_records(self, final: torch.Tensor, report: SpellReport) -> list[OutputRecord]:
+        """Per output: nearest protected shield or remembered output, and whether SPELL ever moved it."""
+        b = final.shape[0]
+        source = self.shield_source()
+        if source is None:
+            dist, idx = [math.inf] * b, [-1] * b
+        else:
+            d, i = source.nearest(final.detach().float())
+            dist, idx = d.cpu().tolist(), i.cpu().tolist()
+        moved = report.corrected_samples().tolist()
+        return [OutputRecord(index=k, nearest_shield=idx[k] if idx[k] < report.shield_count else -1,
+                             distance=float(dist[k]), repelled=bool(moved[k]) if k < len(moved) else False)
+                for k in range(b)]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x0_hat = self.model(x, sigma)
         s = float(sigma.reshape(-1)[0])
         if s > self._last_sigma:
-            self.runs.append(RunRecord())
+            self.runs.append(self.new_report(x0_hat))
         self._last_sigma = s
+        report = self.runs[-1]
         radius = _schedule_value(self.radius, s, "radius")
+        report.radius = max(report.radius, radius)
+        report.radius_rms = report.radius / math.sqrt(report.elements)
         source = self.shield_source()
-        b = x0_hat.shape[0]
-        if radius <= 0 or (source is None and not (self.intra_batch and b > 1)):
-            self.runs[-1].steps.append(_idle_record(s, radius, b))
-            return x0_hat
-        lam = _schedule_value(self.overcompensation, s, "overcompensation")
-        res = sparse_repellency(x0_hat, radius, shields=source, intra_batch=self.intra_batch,
-                                overcompensation=lam, exact=self.exact)
-        dnorm = res.delta.reshape(b, -1).norm(dim=1).cpu()
-        score = (x - x0_hat).reshape(b, -1).float().norm(dim=1).cpu()
-        self.runs[-1].steps.append(StepRecord(
-            sigma=s, radius=radius, active=res.active.cpu(), delta_norm=dnorm,
-            relative=dnorm / score.clamp_min(1e-12), shields_hit=res.shields_hit.cpu(),
-            inside_after=res.inside.cpu()))
-        return res.denoised
-
-
-def _idle_record(sigma: float, radius: float, b: int) -> StepRecord:
-    z = torch.zeros(b)
-    return StepRecord(sigma=sigma, radius=radius, active=torch.zeros(b, dtype=torch.bool), delta_norm=z,
-                      relative=z.clone(), shields_hit=torch.zeros(b, dtype=torch.long),
-                      inside_after=torch.zeros(b, dtype=torch.bool))
+        result = None
+        if radius > 0 and (source is not None or (self.intra_batch and x0_hat.shape[0] > 1)):
+            lam = _schedule_value(self.overcompensation, s, "overcompensation")
+            report.overcompensation = max(report.overcompensation, lam)
+            result = sparse_repellency(x0_hat, radius, shields=source, intra_batch=self.intra_batch,
+                                       overcompensation=lam, exact=self.exact)
+        record, _ = step_record(len(report.steps), s, x0_hat, x, result)
+        report.sigmas.append(s)
+        report.steps.append(record)
+        return x0_hat if result is None else result.denoised
 
 
 def step_schedule(values: Sequence[float], sigmas: Sequence[float]) -> Callable[[float], float]:

@@ -19,9 +19,8 @@ import math
 import torch
 
 from .feature_screen import FIT_SAMPLE_ROWS, FeatureScreen, fit_map, map_features, within_mask
+from .kernels import diff_block_rows
 
-# Elements of one [B, chunk, D] difference block kept in memory at once (float32: 4 bytes each).
-DIFF_BLOCK_ELEMENTS = 16 * 1024 * 1024
 # In-memory sets this large are screened through features on the query device; smaller ones are verified in full.
 SCREEN_MIN_ROWS = 512
 # Candidate latents moved to the query device and verified per chunk.
@@ -41,7 +40,7 @@ def exact_sq_distances(queries: torch.Tensor, shields: torch.Tensor) -> torch.Te
     z = flatten(shields).float()
     b, d = q.shape
     out = torch.empty(b, z.shape[0], dtype=torch.float32, device=q.device)
-    step = max(1, DIFF_BLOCK_ELEMENTS // max(1, b * d))
+    step = diff_block_rows(b, d)
     for start in range(0, z.shape[0], step):
         block = z[start:start + step].to(q.device)
         out[:, start:start + step] = (q[:, None, :] - block[None, :, :]).square().sum(-1)

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import diff_block_rows
 from .shields import TensorShields, flatten
 
-# Elements of one [B, chunk, D] block of differences held at once (float32).
-PAIR_BLOCK_ELEMENTS = 16 * 1024 * 1024
 # Relative margin by which exact mode clears a shield, so float rounding cannot leave it on the sphere.
 EXACT_MARGIN = 1e-4
 MAX_EXACT_MARGIN = 1e-2
@@ -84,7 +83,7 @@ def repellency_terms(x: torch.Tensor, centres: torch.Tensor, radius: float, ties
     centroid = torch.zeros_like(x)
     hits = torch.zeros(b, dtype=torch.long, device=x.device)
     nearest = torch.full((b,), math.inf, device=x.device)
-    step = max(1, PAIR_BLOCK_ELEMENTS // max(1, b * d))
+    step = diff_block_rows(b, d)
     for start in range(0, centres.shape[0], step):
         z = centres[start:start + step]
         diff = x[:, None, :] - z[None, :, :]

@@ -29,6 +29,8 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 FONT_SIZE = 13
 TITLE_SIZE = 15
 MAX_PANEL_ROWS = 16
+MAX_GRID_ROWS = 32            # samples drawn in the activity chart's per-sample grid
+GRID_CELL = 16                # row height of that grid
 
 
 @dataclass
@@ -154,15 +156,17 @@ def blank(width: int, height: int) -> tuple[Figure, ImageDraw.ImageDraw]:
 
 
 # -- SPELL activity (paper Fig. 5) -----------------------------------------------------------------------
-def activity_series(report) -> dict:
+def activity_series(report, x_labels: str = "step") -> dict:
     """Per model evaluation: corrected count, batch, mean and max relative correction size (fractions)."""
+    if x_labels not in ("step", "sigma"):
+        raise ValueError(f"activity_chart: x_labels must be 'step' or 'sigma', got {x_labels!r}")
     steps = report.steps
     return {
         "corrected": [s.corrected for s in steps],
         "batch": [s.batch for s in steps],
         "mean": [sum(s.relative_size) / max(1, len(s.relative_size)) for s in steps],
         "max": [max(s.relative_size, default=0.0) for s in steps],
-        "labels": [str(s.step) for s in steps],
+        "labels": [str(s.step) if x_labels == "step" else f"{s.sigma:.3g}" for s in steps],
     }
 
 
@@ -175,16 +179,30 @@ def activity_legend(report, series: dict) -> list[str]:
             f"largest single correction: {pct(max(series['max'], default=0.0))}"]
 
 
-def activity_chart(report, width: int = 768, height: int = 400) -> Figure:
-    """Bars: samples corrected per evaluation (left axis); lines: relative correction size in % (right axis)."""
-    fig, draw = blank(width, height)
+def sample_grid_height(report) -> int:
+    """Pixels the per-sample grid adds below the chart (caption, one row per sample, overflow line)."""
+    batch = max((s.batch for s in report.steps), default=0)
+    rows = min(batch, MAX_GRID_ROWS)
+    if rows == 0:
+        return 0
+    return 30 + rows * GRID_CELL + (20 if batch > MAX_GRID_ROWS else 0) + 8
+
+
+def activity_chart(report, width: int = 768, height: int = 400, x_labels: str = "step",
+                   per_sample: bool = False) -> Figure:
+    """Bars: samples corrected per evaluation (left axis); lines: relative correction size in % (right axis).
+
+    ``x_labels``: "step" (sampler step) or "sigma" under each evaluation; ``per_sample``: a grid below the chart,
+    one row per sample and one column per evaluation, filled where SPELL moved that sample (paper Fig. 5b).
+    """
+    series = activity_series(report, x_labels)
+    fig, draw = blank(width, height + (sample_grid_height(report) if per_sample else 0))
     fnt, tfnt = font(), font(TITLE_SIZE)
     title = (f"SPELL activity  r = {report.radius_rms:.4g} rms ({report.radius:.4g} L2), "
              f"lambda = {report.overcompensation:.3g}")
     draw_text(fig, draw, (12, 8), title, tfnt, name="title")
     box = (60, 40, width - 80, height - 110)
     fig.regions["plot"] = box
-    series = activity_series(report)
     n = len(series["corrected"])
     if n == 0:
         draw.rectangle(box, outline=INK)
@@ -197,11 +215,37 @@ def activity_chart(report, width: int = 768, height: int = 400) -> Figure:
     right = Axes(box, n, 0.0, nice_max(100 * max(series["max"])))
     draw_axes(fig, draw, left, fnt, lambda v: f"{v:.3g}", series["labels"], right, lambda v: pct(v / 100))
     draw_activity_series(fig, draw, series, left, right)
-    draw.text((box[0], box[3] + 22), "model evaluation (label: sampler step; noise high -> low)", font=fnt,
-              fill=INK)
+    axis = "sampler step" if x_labels == "step" else "sigma"
+    draw.text((box[0], box[3] + 22), f"model evaluation (label: {axis}; noise high -> low)", font=fnt, fill=INK)
     entries = list(zip((BAR, LINE, LINE_MAX), activity_legend(report, series)))
     draw_legend(fig, draw, box[0], box[3] + 44, entries, fnt)
+    if per_sample:
+        draw_sample_grid(fig, draw, report, left, height, fnt)
     return fig
+
+
+def draw_sample_grid(fig: Figure, draw, report, ax: Axes, top: int, fnt):
+    """Rows = samples (numbered from 1), columns = the chart's evaluations; BAR where SPELL moved the sample."""
+    batch = max(s.batch for s in report.steps)
+    rows = min(batch, MAX_GRID_ROWS)
+    draw_text(fig, draw, (12, top + 4), "per sample (rows) and evaluation (columns): filled = SPELL moved it", fnt,
+              name="grid_caption")
+    y0 = top + 30
+    half = max(1.0, ax.slot() * 0.4)
+    for b in range(rows):
+        y = y0 + b * GRID_CELL
+        label = str(b + 1)
+        w, _ = text_size(draw, label, fnt)
+        draw.text((ax.box[0] - w - 8, y), label, font=fnt, fill=INK)
+        for i, s in enumerate(report.steps):
+            moved = b < len(s.active) and s.active[b]
+            cell = (ax.x(i) - half, y + 1, ax.x(i) + half, y + GRID_CELL - 3)
+            draw.rectangle(cell, fill=BAR if moved else GRID)
+            fig.regions[f"cell{b}_{i}"] = tuple(round(v) for v in cell)
+    fig.regions["grid"] = (int(ax.x(0) - half), y0, math.ceil(ax.x(ax.n - 1) + half), y0 + rows * GRID_CELL)
+    if batch > rows:
+        draw_text(fig, draw, (ax.box[0], y0 + rows * GRID_CELL + 2), f"... and {batch - rows} more samples", fnt,
+                  name="grid_more")
 
 
 def draw_activity_series(fig: Figure, draw, series: dict, left: Axes, right: Axes):

@@ -1,99 +1,11 @@
-"""SPELL run report: what the repellency did, per step and per output. Plain data, JSON-serialisable."""
-from __future__ import annotations
+"""The SPELL run record as the nodes, the WebUI and ``reporting.plots`` import it.
 
-import math
-from dataclasses import asdict, dataclass, field
+Defined once in ``guidance/spell_record.py``, so the sampler API (``guidance.sampling.SpellWrapper``) emits the
+very type the nodes emit and the same charts draw both; this module only names it for the host-side code.
+"""
+try:  # inside ComfyUI the pack is one package; in the WebUI, the CLI and the tests guidance/ is a top-level sibling
+    from ..guidance.spell_record import FINAL_JUMP_NOTE, INSIDE_RTOL, OutputRecord, SpellReport, StepRecord, step_record
+except ImportError:
+    from guidance.spell_record import FINAL_JUMP_NOTE, INSIDE_RTOL, OutputRecord, SpellReport, StepRecord, step_record
 
-import torch
-
-
-# Relative float tolerance when telling "on the sphere" (the paper's guarantee) from "inside".
-INSIDE_RTOL = 1e-4
-# A final (t = 0) correction larger than this fraction of the latent's norm means the sampler did not follow
-# the in-loop corrections: the protection then came from that last jump.
-FINAL_JUMP_NOTE = 0.01
-
-
-@dataclass
-class StepRecord:
-    """One model evaluation (a sampler step, or a sub-step of a multi-evaluation sampler)."""
-
-    step: int                       # index into the sigma schedule
-    sigma: float
-    corrected: int                  # samples whose prediction was moved
-    batch: int
-    relative_size: list[float]      # per sample: ||lambda * Delta|| / ||x0_hat - x_t||
-    nearest: list[float]            # per sample: distance to nearest known shield (inf = none within reach)
-    rounds: int = 1
-
-
-def step_record(step: int, sigma: float, x0_hat: torch.Tensor, x_t: torch.Tensor, result) -> tuple[StepRecord,
-                                                                                           torch.Tensor]:
-    """One model evaluation's record and the mask of samples SPELL moved (``result`` None: nothing was active)."""
-    b = x0_hat.shape[0]
-    if result is None:
-        return StepRecord(step, sigma, 0, b, [0.0] * b, [math.inf] * b, rounds=0), torch.zeros(b, dtype=torch.bool)
-    # At sigma = 0 (the final t = 0 step) x_t is the prediction itself: measure against its norm.
-    ref = x0_hat if sigma == 0.0 else x0_hat - x_t
-    step_norm = ref.flatten(1).float().norm(dim=1).clamp_min(1e-12)
-    active = result.active.cpu()
-    return StepRecord(step=step, sigma=sigma, corrected=int(active.sum()), batch=b,
-                      relative_size=(result.delta.flatten(1).norm(dim=1) / step_norm).cpu().tolist(),
-                      nearest=result.nearest_distance.cpu().tolist(), rounds=result.rounds), active
-
-
-@dataclass
-class OutputRecord:
-    """One final latent of the run."""
-
-    index: int
-    nearest_shield: int             # index into the shield set (-1 = none / only batch peers)
-    distance: float                 # raw L2 distance in the model's latent space
-    repelled: bool                  # was this sample corrected at any step
-    final_jump: float = 0.0         # ||t = 0 correction|| / ||latent||: 0 when the loop alone protected it
-
-    @property
-    def protected_by(self) -> str:
-        """'final jump' when the t = 0 correction was large (see FINAL_JUMP_NOTE), else 'loop'."""
-        return "final jump" if self.final_jump > FINAL_JUMP_NOTE else "loop"
-
-
-@dataclass
-class SpellReport:
-    radius: float                   # raw L2 radius used
-    radius_rms: float               # the same in slider units (RMS per latent element)
-    overcompensation: float
-    elements: int                   # elements of one latent
-    sigmas: list[float]
-    steps: list[StepRecord] = field(default_factory=list)
-    outputs: list[OutputRecord] = field(default_factory=list)
-    shield_count: int = 0
-    history_count: int = 0
-    intra_batch: bool = False
-    exact: bool = False
-    shield_set_name: str = ""
-    movable_fraction: list[float] = field(default_factory=list)  # inpainting: share of each latent the mask frees
-    init_inside: int = 0            # shields the img2img / inpaint input itself lies in
-    init_excluded: bool = False     # ... and they were left out of this run (init_image_shield = exclude it)
-
-    def summary(self) -> str:
-        corrected_steps = sum(1 for s in self.steps if s.corrected)
-        inside = sum(1 for o in self.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
-        repelled = sum(1 for o in self.outputs if o.repelled)
-        nearest = min((o.distance for o in self.outputs), default=math.inf)
-        text = (f"SPELL: r={self.radius_rms:.4g} rms ({self.radius:.4g} L2), {len(self.steps)} evals, "
-                f"{corrected_steps} with corrections, {repelled}/{len(self.outputs)} outputs repelled, "
-                f"{inside} inside a shield, nearest {nearest:.4g}")
-        jumps = [o.final_jump for o in self.outputs]
-        if jumps:
-            by_jump = sum(1 for o in self.outputs if o.protected_by == "final jump")
-            text += f"; final t=0 jump max {100 * max(jumps):.2g}% of the latent ({by_jump} protected by it)"
-        if self.movable_fraction:
-            text += f"; inpaint: mask frees {100 * min(self.movable_fraction):.3g}% of the latent"
-        if self.init_inside:
-            text += (f"; input image inside {self.init_inside} shield(s), "
-                     f"{'excluded' if self.init_excluded else 'left'}")
-        return text
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["FINAL_JUMP_NOTE", "INSIDE_RTOL", "OutputRecord", "SpellReport", "StepRecord", "step_record"]

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from guidance.kernels import (fixed_bandwidth, median_bandwidth, median_pair, median_pairwise_distance,
-                              pairwise_distances, pairwise_sq_distances)
+from guidance import kernels
+from guidance.kernels import (diff_block_rows, fixed_bandwidth, median_bandwidth, median_pair,
+                              median_pairwise_distance, pairwise_distances, pairwise_sq_distances)
 
 
 def test_pairwise_and_median_distance():
@@ -35,3 +36,10 @@ def test_a_median_needs_two_items_and_a_bandwidth_must_be_positive():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="bandwidth must be > 0"):
             fixed_bandwidth(bad)
+
+
+def test_diff_block_rows_keeps_one_block_under_the_limit(monkeypatch):
+    assert diff_block_rows(4, 16384) == kernels.DIFF_BLOCK_ELEMENTS // (4 * 16384) == 256
+    assert diff_block_rows(0, 0) == kernels.DIFF_BLOCK_ELEMENTS
+    monkeypatch.setattr(kernels, "DIFF_BLOCK_ELEMENTS", 64)
+    assert diff_block_rows(2, 8) == 4 and diff_block_rows(5, 32) == 1     # never 0 rows, even over the limit

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from reporting import plots
@@ -88,6 +89,53 @@ def test_activity_chart_without_steps_says_so():
     fig = plots.activity_chart(rep)
     assert "bars" not in fig.regions
     assert_text_drawn(fig, "empty", "no model evaluations recorded")
+
+
+def test_activity_chart_per_sample_grid_fills_exactly_the_moved_cells():
+    rep = spell_report()
+    for s, rel in zip(rep.steps, RELATIVE):
+        s.active = [r > 0 for r in rel]
+    fig = plots.activity_chart(rep, width=768, height=400, per_sample=True)
+    assert fig.image.size == (768, 400 + plots.sample_grid_height(rep)) and plots.sample_grid_height(rep) > 4 * 16
+    x0, _, x1, y1 = fig.regions["plot"]
+    for b in range(4):
+        for i, s in enumerate(rep.steps):
+            cx0, cy0, cx1, cy1 = fig.regions[f"cell{b}_{i}"]
+            assert cy0 > y1 and x0 <= cx0 < cx1 <= x1                  # below the chart, in its evaluation's column
+            assert abs((cx0 + cx1) / 2 - (x0 + (i + 0.5) * (x1 - x0) / len(rep.steps))) <= 1
+            want = plots.BAR if s.active[b] else plots.GRID
+            assert share_of(fig, (cx0 + 2, cy0 + 2, cx1 - 2, cy1 - 2), want, tol=0) == 1.0, (b, i)
+    assert_text_drawn(fig, "grid_caption", "per sample (rows) and evaluation (columns): filled = SPELL moved it")
+    assert "cell0_0" not in plots.activity_chart(rep).regions      # the nodes' chart keeps its layout
+
+
+def test_activity_chart_labels_evaluations_by_sigma_on_request():
+    rep = spell_report()
+    by_step = np.asarray(plots.activity_chart(rep).image)
+    by_sigma = np.asarray(plots.activity_chart(rep, x_labels="sigma").image)
+    _, _, _, y1 = plots.activity_chart(rep).regions["plot"]
+    assert (by_step[:y1] == by_sigma[:y1]).all() and (by_step[y1:] != by_sigma[y1:]).any()
+    assert plots.activity_series(rep, "sigma")["labels"][:2] == ["14.6", "13.6"]
+    with pytest.raises(ValueError, match="x_labels must be 'step' or 'sigma'"):
+        plots.activity_chart(rep, x_labels="time")
+
+
+def test_activity_chart_draws_a_sampler_api_run():
+    from guidance.sampling import SpellWrapper, karras_sigmas, sample
+    wrapped = SpellWrapper(lambda x, sigma: torch.zeros_like(x), radius=lambda s: 2.0 if s > 1.0 else 0.0,
+                           shields=torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
+    sigmas = karras_sigmas(5, 0.01, 10.0)
+    sample(wrapped, torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), sigmas)
+    rep = wrapped.runs[-1]
+    on = int((sigmas[:-1] > 1.0).sum())
+    fig = plots.activity_chart(rep, x_labels="sigma", per_sample=True)
+    assert fig.legend[0] == f"corrected samples: peak 3/3, on {on} of 5 evaluations"
+    assert_text_drawn(fig, "title", "SPELL activity  r = 1 rms (2 L2), lambda = 1", plots.TITLE_SIZE)
+    for (i, b), moved in np.ndenumerate(rep.active_matrix().numpy()):
+        cx0, cy0, cx1, cy1 = fig.regions[f"cell{b}_{i}"]
+        want = plots.BAR if moved else plots.GRID
+        assert share_of(fig, (cx0 + 2, cy0 + 2, cx1 - 2, cy1 - 2), want, tol=0) == 1.0
+    assert rep.active_matrix().tolist() == [[s > 1.0] * 3 for s in sigmas[:-1].tolist()]
 
 
 # -- nearest-shield panel ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import torch
 
 from guidance.sampling import (SpellWrapper, ddpm_sigmas, get_ancestral_step, karras_sigmas, sample,
                                sample_consistency, step_schedule)
+from guidance.spell import sparse_repellency
+from reporting import report as nodes_report
 
 MU, S = 1.5, 0.7          # data distribution N(MU, S^2) per coordinate
 
@@ -111,6 +113,47 @@ def test_spell_wrapper_history_repels_later_runs_from_earlier_outputs():
     assert (second - first).norm().item() == pytest.approx(1.0, abs=1e-4)
     assert len(wrapped.runs) == 2 and not wrapped.runs[0].corrected_samples().any()
     assert wrapped.runs[1].corrected_samples().all()
+
+
+def test_spell_wrapper_emits_the_nodes_report_with_step_and_output_records():
+    target = torch.zeros(1, 4)
+    shield = torch.tensor([[0.5, 0.0, 0.0, 0.0]])
+    wrapped = SpellWrapper(point_model(target), radius=2.0, shields=shield, overcompensation=1.5)
+    sigmas = karras_sigmas(3, 0.01, 10.0)
+    noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    sample(wrapped, noise, sigmas)
+    rep = wrapped.runs[-1]
+    assert type(rep) is nodes_report.SpellReport                    # the very type the nodes and the charts use
+    assert (rep.radius, rep.radius_rms, rep.overcompensation, rep.elements) == (2.0, 1.0, 1.5, 4)
+    assert (rep.shield_count, rep.history_count, rep.intra_batch) == (1, 0, False)
+    assert rep.sigmas == sigmas[:-1].tolist() and [s.step for s in rep.steps] == [0, 1, 2]
+    # the first evaluation is recorded exactly as the nodes record the same correction
+    x0_hat = target.expand(2, 4).clone()
+    direct = sparse_repellency(x0_hat, 2.0, shields=shield, overcompensation=1.5)
+    want, _ = nodes_report.step_record(0, float(sigmas[0]), x0_hat, noise * sigmas[0], direct)
+    assert rep.steps[0] == want and want.active == [True, True] and want.corrected == 2
+    # the Euler step to sigma 0 returns the corrected prediction: 0.5 + 1.5 * (2 - 0.5) from shield 0
+    assert [(o.index, o.nearest_shield, o.repelled) for o in rep.outputs] == [(0, 0, True), (1, 0, True)]
+    assert [o.distance for o in rep.outputs] == pytest.approx([2.75, 2.75], abs=1e-5)
+
+
+def test_spell_wrapper_report_of_a_schedule_and_of_history():
+    model = point_model(torch.zeros(1, 4))
+    wrapped = SpellWrapper(model, radius=lambda s: 1.0 if s > 1.0 else 0.0, history=True)
+    sigmas = karras_sigmas(4, 0.01, 10.0)
+    sample(wrapped, torch.randn(1, 4), sigmas)
+    sample(wrapped, torch.randn(1, 4), sigmas)
+    first, second = wrapped.runs
+    assert first.radius == 1.0 and first.radius_rms == 0.5 and first.outputs[0].distance == math.inf
+    assert (second.shield_count, second.history_count) == (0, 1)
+    off = [s for s in second.steps if s.sigma <= 1.0]
+    assert off and all(s.rounds == 0 and s.active == [False] for s in off)
+    assert second.active_matrix().tolist() == [[s.sigma > 1.0] for s in second.steps]
+    # moved while the radius was on, then back onto the remembered output once the schedule switched SPELL off:
+    # the report says so instead of counting the sample as protected
+    out = second.outputs[0]
+    assert (out.nearest_shield, out.repelled, out.distance) == (-1, True, 0.0)
+    assert "1/1 outputs repelled, 1 inside a shield" in second.summary()
 
 
 def test_zero_radius_schedule_leaves_the_sampler_unchanged():

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+from guidance import kernels, spell
 from guidance import shields as shields_mod
-from guidance import spell
 from guidance.shields import AffineShields, ConcatShields, TensorShields
 from guidance.spell import sparse_repellency
 
@@ -66,9 +66,8 @@ def test_matches_naive_reference_with_overlapping_shields():
 
 
 def test_chunked_equals_naive(monkeypatch):
-    monkeypatch.setattr(spell, "PAIR_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(kernels, "DIFF_BLOCK_ELEMENTS", 64)   # one limit for eq. 5's blocks and the distances
     monkeypatch.setattr(shields_mod, "SCREEN_CHUNK_ROWS", 3)
-    monkeypatch.setattr(shields_mod, "DIFF_BLOCK_ELEMENTS", 50)
     g = torch.Generator().manual_seed(4)
     z = torch.randn(25, 2, 4, 4, generator=g)
     x0 = torch.randn(5, 2, 4, 4, generator=g)
