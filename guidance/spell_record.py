@@ -83,9 +83,16 @@ class SpellReport:
     init_inside: int = 0            # shields the img2img / inpaint input itself lies in
     init_excluded: bool = False     # ... and they were left out of this run (init_image_shield = exclude it)
 
+    def inside_limit(self) -> float:
+        """Distances below this count as inside a shield (``INSIDE_RTOL`` absorbs the final check's rounding)."""
+        return self.radius * (1 - INSIDE_RTOL)
+
+    def outputs_inside(self) -> int:
+        return sum(1 for o in self.outputs if o.distance < self.inside_limit())
+
     def summary(self) -> str:
         corrected_steps = sum(1 for s in self.steps if s.corrected)
-        inside = sum(1 for o in self.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
+        inside = self.outputs_inside()
         repelled = sum(1 for o in self.outputs if o.repelled)
         nearest = min((o.distance for o in self.outputs), default=math.inf)
         text = (f"SPELL: r={self.radius_rms:.4g} rms ({self.radius:.4g} L2), {len(self.steps)} evals, "

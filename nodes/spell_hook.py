@@ -25,7 +25,7 @@ import torch
 
 from ..guidance import history as spell_history
 from ..guidance import spell
-from ..reporting.report import OutputRecord, SpellReport, step_record
+from ..guidance.spell_record import OutputRecord, SpellReport, step_record
 from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
                                 resampled_source)
 from ..guidance.window import SigmaWindow

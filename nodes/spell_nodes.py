@@ -6,7 +6,6 @@ import logging
 from ..guidance import history as spell_history
 from .ksampler_core import ksampler_inputs, sample_latent
 from .shield_set import SHIELD_SET, ShieldSet
-from ..reporting.report import INSIDE_RTOL
 from .spell_hook import INIT_CHOICES, INIT_LEAVE, SpellPatch, SpellSettings
 
 LOG = logging.getLogger("shielded_sampling")
@@ -83,7 +82,7 @@ def activity_summary(report) -> dict:
         "corrected": [s.corrected for s in report.steps],
         "batch": [s.batch for s in report.steps],
         "relative": [sum(s.relative_size) / max(1, len(s.relative_size)) for s in report.steps],
-        "outputs_inside": sum(1 for o in report.outputs if o.distance < report.radius * (1 - INSIDE_RTOL)),
+        "outputs_inside": report.outputs_inside(),
         "summary": report.summary(),
     }
 

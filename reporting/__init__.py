@@ -1,1 +1,2 @@
-"""Reports of a guided run (SPELL activity, nearest shields) and the charts drawn from them; host-free."""
+"""Charts drawn from guided runs (SPELL activity and nearest shields, DNG posterior); host-free. The run records
+they draw live in ``guidance/spell_record.py``."""

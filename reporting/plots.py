@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .report import INSIDE_RTOL
 
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
@@ -282,7 +281,7 @@ def output_lines(report, record, shield_label) -> tuple[list[str], tuple]:
     lines = [f"output {record.index}"]
     if not math.isfinite(d):
         return lines + ["no shield to compare with", f"repelled: {'yes' if record.repelled else 'no'}"], NEUTRAL
-    inside = d < report.radius * (1 - INSIDE_RTOL)
+    inside = d < report.inside_limit()
     if record.nearest_shield >= 0:
         lines.append(f"nearest: shield {shield_label(record.nearest_shield)}")
     else:

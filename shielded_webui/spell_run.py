@@ -13,7 +13,7 @@ import math
 import torch
 
 from guidance import history, spell
-from reporting.report import INSIDE_RTOL, OutputRecord, SpellReport, step_record
+from guidance.spell_record import OutputRecord, SpellReport, step_record
 from guidance.shields import AffineShields, ConcatShields, ExcludedShields
 from guidance.window import SigmaWindow
 
@@ -170,7 +170,7 @@ class SpellRun:
                                for i in range(b)]
 
     def outputs_inside(self) -> int:
-        return sum(1 for o in self.report.outputs if o.distance < self.radius * (1 - INSIDE_RTOL))
+        return self.report.outputs_inside()
 
     def result(self) -> str:
         """The infotext's short record of this pass: corrected samples, nearest shield, outputs inside."""

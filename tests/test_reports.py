@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from reporting import plots
-from reporting.report import OutputRecord, SpellReport, StepRecord
+from guidance.spell_record import OutputRecord, SpellReport, StepRecord
 
 CORRECTED = [4, 4, 3, 2, 0, 1, 0, 0]
 RELATIVE = [[0.10, 0.20, 0.05, 0.05], [0.05, 0.05, 0.05, 0.05], [0.0, 0.1, 0.1, 0.1], [0.0, 0.0, 0.25, 0.05],

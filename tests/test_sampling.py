@@ -7,7 +7,7 @@ import torch
 from guidance.sampling import (SpellWrapper, ddpm_sigmas, get_ancestral_step, karras_sigmas, sample,
                                sample_consistency, step_schedule)
 from guidance.spell import sparse_repellency
-from reporting import report as nodes_report
+from guidance import spell_record as nodes_report
 
 MU, S = 1.5, 0.7          # data distribution N(MU, S^2) per coordinate
 

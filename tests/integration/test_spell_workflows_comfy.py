@@ -472,7 +472,7 @@ def test_dng_refuses_a_guider_that_combines_predictions_itself(comfy_nodes, fami
 def test_report_tells_loop_protection_from_a_final_jump(comfy_nodes, spell_nodes):
     """A sampler whose output is not its last prediction (UniPC) may need a t = 0 correction; the report gives
     its size per output, equal to the measured change."""
-    from comfyui_shielded_sampling.reporting.report import OutputRecord
+    from comfyui_shielded_sampling.guidance.spell_record import OutputRecord
     rec = OutputRecord(index=0, nearest_shield=0, distance=1.0, repelled=True, final_jump=0.4)
     assert rec.protected_by == "final jump"
     assert OutputRecord(index=0, nearest_shield=0, distance=1.0, repelled=True).protected_by == "loop"
