@@ -8,6 +8,7 @@ each resumable, everything under $SHIELD_DB_BENCH (default /tmp/shield_db_bench)
     nice -n 10 python -m benchmarks.shield_db_side_by_side build                     # shield_db: store + index
     nice -n 10 python -m benchmarks.shield_db_side_by_side pg-ingest --pg-rows 262144  # PostgreSQL, a prefix
     nice -n 10 python -m benchmarks.shield_db_side_by_side measure --reps 7          # all paths, one process
+    nice -n 10 python -m benchmarks.shield_db_side_by_side split --reps 7            # CPU per step, device path
 
 ``build`` is ``shield_db_million.py``'s build (same folder, so that benchmark reuses it). ``pg-ingest`` loads the
 first ``--pg-rows`` rows of the same data into a private PostgreSQL server (the pack's embedded default:
@@ -163,9 +164,10 @@ def pg_queries(snap, rng, rows: int) -> np.ndarray:
     return np.ascontiguousarray(z + (p / p.norm(dim=1, keepdim=True) * 0.9 * million.RADIUS).numpy())
 
 
-def truth_and_flat(snap, batches: list, limits: list, radius: float, chunk: int = 32768):
+def truth_and_flat(snap, batches: list, limits: list, radius: float, flat_batches: int, chunk: int = 32768):
     """One pass over every stored row: float64 truth per batch (rows below ``limits[i]`` only), and the per-batch
-    time of FAISS ``IndexFlatL2.range_search`` over the full latents (float32, chunk by chunk) with what it found.
+    time of FAISS ``IndexFlatL2.range_search`` over the full latents (float32, chunk by chunk) with what it found,
+    for the first ``flat_batches`` batches.
 
     Truth: float32 distances with Higham's bound ``2.2 gamma_{D+2} (||q||^2 + ||z||^2)`` as a prefilter that
     cannot drop a hit, then float64 differences for the survivors.
@@ -185,7 +187,7 @@ def truth_and_flat(snap, batches: list, limits: list, radius: float, chunk: int 
         index = faiss.IndexFlatL2(million.DIM)
         index.add(z.numpy())
         convert_s += time.perf_counter() - t
-        for i, q in enumerate(batches):
+        for i, q in enumerate(batches[:flat_batches]):
             t = time.perf_counter()
             _, _, ids = index.range_search(q, radius * radius)
             flat_s[i] += time.perf_counter() - t
@@ -227,6 +229,14 @@ def faiss_path(source, q: np.ndarray, radius: float):
     return np.unique(ids).astype(np.int64)
 
 
+def pg_cells(src, q: np.ndarray, radius: float) -> list[int]:
+    """``[cells touched, cells]`` for one batch (the triangle-inequality pruning of shield_db.postgres.cells)."""
+    from shield_db.postgres.cells import touched_cells
+    from shield_db.projection import features
+    fq, _ = features(q, *src.basis)
+    return [int(touched_cells(fq, src._rho(q, radius), src.centres, src.radii).sum()), len(src.cell_ids)]
+
+
 def verified(source, q: np.ndarray, cand: np.ndarray, radius: float) -> np.ndarray:
     hits = [part[inside] for part, inside in source._verified(q, cand, radius)]
     return np.concatenate(hits) if hits else np.zeros(0, np.int64)
@@ -266,7 +276,7 @@ def measure(reps: int) -> None:
     batches = [million.queries(snap, rng) for _ in range(reps)]
     pg_batches = [pg_queries(snap, rng, pg_record["rows"]) for _ in range(reps)] if pg_src else []
     limits = [snap.rows] * reps + [pg_record["rows"] if pg_src else 0] * len(pg_batches)
-    truth, flat_found, flat_s, convert_s = truth_and_flat(snap, batches + pg_batches, limits, radius)
+    truth, flat_found, flat_s, convert_s = truth_and_flat(snap, batches + pg_batches, limits, radius, reps)
     out["flat"] = {"per_batch_s": flat_s[:reps], "convert_s_total": convert_s}
     paths = ["device", "index", "faiss"] + (["postgres"] if pg_src else [])
     stats = {p: {"s": [], "cpu_s": [], "screen_s": [], "candidates": [], "found": 0, "extra": 0} for p in paths}
@@ -278,8 +288,15 @@ def measure(reps: int) -> None:
             if p == "postgres":
                 pq, pref = pg_batches[rep], truth[reps + rep]
                 pg_src.within_rows(torch.from_numpy(pq), radius)  # warm-up (server buffers, page cache)
+                server_cpu = cpu_of_pids(server_pids(server))
                 got, dt, dc = timed(pg_src.within_rows, torch.from_numpy(pq), radius)
+                stats[p].setdefault("server_cpu_s", []).append(cpu_of_pids(server_pids(server)) - server_cpu)
+                dc += stats[p]["server_cpu_s"][-1]  # the feature filter runs in the server's backend
                 ref_p = pref
+                (cand, _), ds, _ = timed(pg_src._candidates, pq, pg_src._rho(pq, radius))  # SQL part, untimed run
+                stats[p]["screen_s"].append(ds)
+                stats[p]["candidates"].append(len(cand))
+                stats[p].setdefault("cells_touched", []).append(pg_cells(pg_src, pq, radius))
             else:
                 if p == "device":
                     cand, ds, dcs = timed(device_path, source, screen, q, radius)
@@ -290,6 +307,7 @@ def measure(reps: int) -> None:
                 hits, dv, dcv = timed(verified, source, q, cand, radius)
                 got, dt, dc = hits, ds + dv, dcs + dcv
                 stats[p]["screen_s"].append(ds)
+                stats[p].setdefault("screen_cpu_s", []).append(dcs)
                 stats[p]["candidates"].append(len(cand))
                 ref_p = ref
             got = set(np.asarray(got).tolist())
@@ -345,8 +363,10 @@ def side_by_side_table(out: dict) -> str:
              "postgres": "PostgreSQL embedded (cube)"}
     for p, st in out["paths"].items():
         n = out.get("pg_rows") if p == "postgres" else out["rows"]
+        screen = f"{st['median_screen_s']:.3f}" if "median_screen_s" in st else "-"
+        cands = f"{st['median_candidates']:.0f}" if "median_candidates" in st else "-"
         lines.append(f"| {names[p]} | {n:,} | {st['recall']:.3f} | {st['median_s']:.3f} | {st['median_cpu_s']:.3f} | "
-                     f"{st.get('median_screen_s', float('nan')):.3f} | {st.get('median_candidates', float('nan')):.0f} |")
+                     f"{screen} | {cands} |")
     f = out["flat"]
     lines.append(f"| FAISS `IndexFlatL2` on the full latents (search only) | {out['rows']:,} | {f['recall']:.3f} | "
                  f"{f['median_s']:.3f} | - | - | - |")
@@ -355,9 +375,37 @@ def side_by_side_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def split(reps: int) -> None:
+    """CPU time of each step of the device path at 1M (the part a GPU would take over, and the rest)."""
+    from shield_db.database import ShieldDatabase
+    from shield_db.projection import features
+    from shield_db.source import DatabaseShields
+    source = DatabaseShields(ShieldDatabase(million.ROOT / "db").snapshot(check_sha=False))
+    screen = source.device_screen(torch.device("cpu"))
+    index = source.snapshot.index
+    index.screen_arrays()
+    rng = np.random.default_rng(123)
+    batches = [million.queries(source.snapshot, rng) for _ in range(reps)]
+    out = {"query_features": [], "device_screen": [], "verify_warm": [], "index_screen": []}
+    for q in batches:
+        (f, n), _, c = timed(features, q, index.mu, index.a)
+        out["query_features"].append(c)
+        found, _, c = timed(screen.candidates, torch.from_numpy(f), torch.from_numpy(n), million.RADIUS)
+        out["device_screen"].append(c)
+        cand = source.rows[found.numpy()]
+        verified(source, q, cand, million.RADIUS)  # warm the candidates' pages
+        out["verify_warm"].append(timed(verified, source, q, cand, million.RADIUS)[2])
+        out["index_screen"].append(timed(source._candidate_rows, q, million.RADIUS)[2])
+    summary = {"cpu_s": out, "median_cpu_s": {k: float(np.median(v)) for k, v in out.items()},
+               "load": os.getloadavg()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "shield_db_side_by_side_split.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary["median_cpu_s"]))
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["build", "pg-ingest", "measure"])
+    parser.add_argument("stage", choices=["build", "pg-ingest", "measure", "split"])
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--pg-rows", type=int, default=262144)
     parser.add_argument("--reps", type=int, default=7)
@@ -375,6 +423,8 @@ def main():
         record_path.write_text(json.dumps(record))
     elif args.stage == "pg-ingest":
         pg_ingest(args.pg_rows, args.pg_stop_after)
+    elif args.stage == "split":
+        split(args.reps)
     else:
         measure(args.reps)
 
