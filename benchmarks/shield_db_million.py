@@ -9,7 +9,10 @@ Everything lives under $SHIELD_DB_BENCH (default /tmp/shield_db_bench), never in
 finished are reused (build timings are recorded when built). The query comparison runs all variants in this
 one process, interleaved on the same query batches.
 
-    python benchmarks/shield_db_million.py [--rows 1000000] [--reps 5]
+    python -m benchmarks.shield_db_million [--rows 1000000] [--reps 5]     (from the repository root)
+
+``python -m benchmarks.shield_db_side_by_side`` builds the same folder and measures the device-path screen, FAISS
+and PostgreSQL beside shield_db in one process.
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -25,11 +27,10 @@ import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shield_db import manifest  # noqa: E402
-from shield_db.database import ShieldDatabase  # noqa: E402
-from shield_db.snapshot import Snapshot  # noqa: E402
-from shield_db.source import DatabaseShields  # noqa: E402
+from shield_db import manifest
+from shield_db.database import ShieldDatabase
+from shield_db.snapshot import Snapshot
+from shield_db.source import DatabaseShields
 
 ITEM_SHAPE = (4, 32, 32)
 DIM = int(np.prod(ITEM_SHAPE))
@@ -304,8 +305,8 @@ def plot(med: dict, stats: dict, n_true: int):
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in med:
-        ax.scatter(med[m], stats[m]["found"] / max(1, n_true), label=m)
+    for m, seconds in med.items():
+        ax.scatter(seconds, stats[m]["found"] / max(1, n_true), label=m)
     ax.set_xscale("log")
     ax.set_xlabel("seconds per batch of 8 queries (median)")
     ax.set_ylabel("recall of in-radius shields")

@@ -5,7 +5,7 @@ Data and queries are those of ``shield_db_million.py`` (SYNTHETIC clustered SD-s
 dims, queries = shields moved by 0.9 r so each ball holds its near-duplicate group). Servers are private embedded
 ones on Unix sockets in $SHIELD_PG_BENCH (default /tmp/shield_pg_bench), deleted at the end. Run it niced:
 
-    nice -n 10 python benchmarks/shield_db_postgres.py [--rows 100000] [--servers 1,2,4] [--reps 6]
+    nice -n 10 python -m benchmarks.shield_db_postgres [--rows 100000] [--servers 1,2,4] [--reps 6]
 """
 from __future__ import annotations
 
@@ -15,23 +15,21 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import shield_db_million as million
+from shield_db.database import ShieldDatabase
+from shield_db.postgres.cells import touched_cells
+from shield_db.postgres.server import EmbeddedServer
+from shield_db.postgres.store import PostgresShieldStore
+from shield_db.projection import features
+from shield_db.source import DatabaseShields
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-import shield_db_million as million  # noqa: E402
-from shield_db.database import ShieldDatabase  # noqa: E402
-from shield_db.postgres.cells import touched_cells  # noqa: E402
-from shield_db.postgres.server import EmbeddedServer  # noqa: E402
-from shield_db.postgres.store import PostgresShieldStore  # noqa: E402
-from shield_db.projection import features  # noqa: E402
-from shield_db.source import DatabaseShields  # noqa: E402
 
 ROOT = Path(os.environ.get("SHIELD_PG_BENCH", "/tmp/shield_pg_bench"))
 COMMIT_ROWS = 8192
@@ -40,7 +38,7 @@ RESULTS = HERE / "results"
 
 def server_rss_mb() -> float:
     """Resident memory of every PostgreSQL process of this machine's 'postgres' user (our servers)."""
-    out = subprocess.run(["ps", "-u", "postgres", "-o", "rss="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-u", "postgres", "-o", "rss="], check=False, capture_output=True, text=True).stdout
     return sum(int(x) for x in out.split()) / 1024
 
 
@@ -161,10 +159,10 @@ def measure_postgres(results, built, n, args, run, batches):
 
 def finish(results, args, file_build_s):
     results["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines = ["| store | servers | recall | s / batch of 8 (median) | ingest rows/s | refit s | cells touched | "
-             "candidates | on disk MB |", "|---|---|---|---|---|---|---|---|---|",
-             f"| shield_db files | - | {results['file_db']['recall']:.3f} | {results['file_db']['median_s']:.3f} | "
-             f"{args.rows / file_build_s:.0f} | (in build) | - | - | - |"]
+    lines = [("| store | servers | recall | s / batch of 8 (median) | ingest rows/s | refit s | cells touched | "
+              "candidates | on disk MB |"), "|---|---|---|---|---|---|---|---|---|",
+             (f"| shield_db files | - | {results['file_db']['recall']:.3f} | {results['file_db']['median_s']:.3f} | "
+              f"{args.rows / file_build_s:.0f} | (in build) | - | - | - |")]
     for n, e in results["postgres"].items():
         lines.append(f"| PostgreSQL (cube) | {n} | {e['recall']:.3f} | {e['median_s']:.3f} | "
                      f"{e['ingest_rows_per_s']:.0f} | {e['refit_s']:.1f} | {e['query']['cells']}/"

@@ -1,6 +1,6 @@
 """Per-evaluation cost of screening shields on the sampling device (issue #18 item 2), CPU torch here.
 
-    COMFYUI_PATH=/path/to/ComfyUI nice -n 10 HOST_PYTHON benchmarks/shield_screen_device.py [--rows 1000000]
+    nice -n 10 python -m benchmarks.shield_screen_device [--parts abc] [--rows 65536]     (from the repository root)
 
 Part A: synthetic shields x 4096 dims (4x32x32; 64k by default: float64 features of 1M rows take too long
 on this shared machine), 7 batches of 8 queries: the device path (features resident on
@@ -10,31 +10,33 @@ exact verification of the candidates (their fp16 latents held in RAM: a warm pag
 against float64 brute force. Part B: the screen alone over 1M and 10M synthetic 65-number features, and the
 exact check of 4000 fp16 candidates (the count shield_db's 1M benchmark passes per batch). Part C: the in-memory
 case (10k shields of 4x64x64, batch 8, intra-batch on, no hits), TensorShields before (git BASE) and after.
-Part D (with COMFYUI_PATH): one evaluation of ComfyUI's own UNetModel with the SD1.5 shape (random weights,
-float32, CPU) at a 64x64 latent, batch 8.
+The model evaluation these costs are compared with (ComfyUI's own UNetModel in the SD1.5 shape on this CPU) is
+measured inside ComfyUI by ``benchmarks/spell_cost_comfyui.py`` (BENCHMARKS.md, "SPELL cost inside ComfyUI").
+The 1M x 4096 side by side with real features (device path, shield_db, FAISS, PostgreSQL) is
+``benchmarks/shield_db_side_by_side.py``.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
 import statistics
 import subprocess
-import sys
+import tempfile
 import time
-import types
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
+from guidance.feature_screen import FeatureScreen, map_features, within_mask
+from guidance.shields import TensorShields
+from guidance.spell import sparse_repellency
+from shield_db.feature_index import FeatureIndex
+from shield_db.projection import FIT_SAMPLE_ROWS, feature_error, features, fit_basis
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from guidance.feature_screen import FeatureScreen, map_features, within_mask  # noqa: E402
-from guidance.shields import TensorShields  # noqa: E402
-from guidance.spell import sparse_repellency  # noqa: E402
-from shield_db.feature_index import FeatureIndex  # noqa: E402
-from shield_db.projection import FIT_SAMPLE_ROWS, feature_error, features, fit_basis  # noqa: E402
 
 ITEM = (4, 32, 32)
 DIM = math.prod(ITEM)
@@ -224,8 +226,11 @@ def old_tensor_shields():
     """TensorShields as of BASE (full float32 pass every evaluation), loaded from git."""
     code = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASE}:guidance/shields.py"], check=True,
                           capture_output=True, text=True).stdout
-    module = types.ModuleType("old_shields")
-    exec(compile(code, "old_shields.py", "exec"), module.__dict__)
+    folder = Path(tempfile.mkdtemp(prefix="old_shields_"))
+    (folder / "old_shields.py").write_text(code)
+    spec = importlib.util.spec_from_file_location("old_shields", folder / "old_shields.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module.TensorShields
 
 
@@ -276,33 +281,13 @@ def part_c(record: dict, reps: int = 7):
     print(json.dumps(out), flush=True)
 
 
-def part_d(record: dict):
-    if not os.environ.get("COMFYUI_PATH"):
-        record["part_d"] = "skipped: no COMFYUI_PATH"
-        return
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    import shield_harness as h
-    h.boot_comfy()
-    model = h.tiny_model(unet_config=h.sd15_unet_config()).model.diffusion_model
-    x = torch.randn(8, 4, 64, 64)
-    ctx = torch.randn(8, 77, 768)
-    times = []
-    with torch.no_grad():
-        for _ in range(2):
-            t = time.perf_counter()
-            model(x, torch.full((8,), 500.0), context=ctx)
-            times.append(time.perf_counter() - t)
-    record["part_d"] = {"unet_eval_s": times, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    print(json.dumps(record["part_d"]), flush=True)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=65536, help="Part A: shields with real float64 features")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--screen-rows", default="1000000,10000000", help="Part B: synthetic feature counts")
     parser.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: their default)")
-    parser.add_argument("--parts", default="abcd", help="a: 64k real features, b: 1M/10M screens, c: in-memory 10k, d: UNet")
+    parser.add_argument("--parts", default="abc", help="a: 64k real features, b: 1M/10M screens, c: in-memory 10k")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,11 +299,9 @@ def main():
         part_a(args.rows, args.reps, record)
     if "b" in args.parts:
         part_b([int(v) for v in args.screen_rows.split(",")], record)
-    if "d" in args.parts:
-        part_d(record)
     record["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"shield_screen_device_{args.parts}{'_t%d' % args.threads if args.threads else ''}.json").write_text(json.dumps(record, indent=1))
+    (RESULTS / f"shield_screen_device_{args.parts}{f'_t{args.threads}' if args.threads else ''}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
 
 

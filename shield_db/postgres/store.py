@@ -353,11 +353,12 @@ class Transaction:
             sample = self._read(sorted(sample_rows))
             self.conn.execute(f"DELETE FROM {self.s}.cells")
             self.conn.execute(f"DELETE FROM {self.s}.basis")
-            dead = sorted(set(self.row_of_sha.values()) - set(live))
+            live_set = set(live)
+            dead = sorted(set(self.row_of_sha.values()) - live_set)
             self.conn.execute(f"DELETE FROM {self.s}.shields WHERE row = ANY(%s)", (dead,))
             self.conn.execute(f"DELETE FROM {self.s}.blobs WHERE row = ANY(%s)", (dead,))
             if live:
-                self.row_of_sha = {sha: row for sha, row in self.row_of_sha.items() if row in set(live)}
+                self.row_of_sha = {sha: row for sha, row in self.row_of_sha.items() if row in live_set}
                 basis, centres = self._fit(np.stack([s[2] for s in sample]))
                 self.body["fitted_rows"] = len(live)
                 for start in range(0, len(live), CHUNK_ROWS):
