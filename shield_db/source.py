@@ -1,4 +1,4 @@
-"""A database as a shield source (protocol of ``guidance.shields``): exact range and nearest search."""
+"""A database as a shield source (``guidance.shields.ShieldSource``): exact range and nearest search."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +11,11 @@ import torch
 from .exact import pair_mask
 from .projection import FeatureScreen, feature_error, features
 from .snapshot import Snapshot
+
+try:  # inside ComfyUI the pack is one package; in the WebUI, the CLI and the tests guidance/ is a top-level sibling
+    from ..guidance.shields import NOT_MAPPABLE, resampled_source
+except ImportError:
+    from guidance.shields import NOT_MAPPABLE, resampled_source
 
 LOG = logging.getLogger("shielded_sampling")
 SCREENS = ("device", "index")
@@ -177,6 +182,17 @@ class DatabaseShields:
 
     def latents(self, indices) -> torch.Tensor:
         return torch.from_numpy(self.snapshot.read_rows(self.rows[np.asarray(indices, np.int64)]).astype(np.float32))
+
+    def mapped(self, fn):
+        raise ValueError(NOT_MAPPABLE)
+
+    def on_device(self, device) -> DatabaseShields:
+        """Itself: the device screen is built on the first query from an accelerator."""
+        return self
+
+    def resampled(self, item_shape: tuple):
+        """An in-memory copy resized to ``item_shape``'s height/width (small sets only)."""
+        return resampled_source(self, item_shape)
 
     def sources(self, indices) -> list[str]:
         return [self.snapshot.live_sources[int(i)] for i in np.asarray(indices).reshape(-1)]
