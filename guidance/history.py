@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from .shields import TensorShields
+from .shields import ShieldSource, TensorShields
 
 LOG = logging.getLogger("shielded_sampling")
 DEFAULT_CAP = 256
@@ -33,7 +33,7 @@ def add(name: str, latents: torch.Tensor, cap: int = DEFAULT_CAP) -> int:
         return len(items)
 
 
-def source(name: str, item_shape: tuple):
+def source(name: str, item_shape: tuple) -> ShieldSource | None:
     """The entries of history ``name`` whose shape matches ``item_shape`` as a shield source, or None."""
     with _LOCK:
         items = [t for t in _HISTORIES.get(name, []) if tuple(t.shape) == tuple(item_shape)]

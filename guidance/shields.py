@@ -5,16 +5,15 @@ queries. SPELL's correction only needs those (every other term of eq. 5 is zero)
 tensor in memory (:class:`TensorShields`) or an index over a million shields on disk (``shield_db``),
 as long as it never misses one. Extra candidates are allowed: SPELL recomputes exact distances.
 
-Protocol (duck-typed)::
-
-    item_shape: tuple[int, ...]                     # shape of one shield, e.g. (4, 64, 64)
-    __len__() -> int
-    within(queries [B, *item_shape], radius) -> Tensor [M, *item_shape]   # float32, superset of hits
-    nearest(queries [B, *item_shape]) -> (distance [B] float32, index [B] int64)
+:class:`ShieldSource` declares everything a caller may ask of a source (search, listing latents, mapping into
+the model's space, moving to the sampling device, resizing for another pass); callers never ask which class a
+source is, so a new kind of source is one new class.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -27,6 +26,48 @@ SCREEN_MIN_ROWS = 512
 SCREEN_CHUNK_ROWS = 2048
 NEAREST_PROBE = 16
 NEAREST_CHUNK_ROWS = 2048
+
+
+# What an indexed source answers when asked for a non-affine map (callers prefix their node's name).
+NOT_MAPPABLE = ("this model's latent format is not a scalar affine map, so an indexed shield set cannot be searched "
+                "in its space; load the shields as a LATENT batch instead")
+
+
+class ShieldSource(Protocol):
+    """What SPELL, its hooks and its report ask of a set of shields; every source class implements all of it.
+
+    Indices (``nearest``, ``latents``) count the source's own shields ``0 .. len - 1``. A scalar affine map
+    into the model's space needs nothing of the source (:func:`model_space` wraps it in
+    :class:`AffineShields`); a general map is :meth:`mapped`.
+    """
+
+    item_shape: tuple[int, ...]     # shape of one shield, e.g. (4, 64, 64)
+
+    def __len__(self) -> int: ...
+
+    def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
+        """Every shield within ``radius`` of some query (a superset): float32 ``[M, *item_shape]``, queries' device."""
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact nearest shield per query: ``(distance [B] float32, index [B] int64)``."""
+
+    def latents(self, indices) -> torch.Tensor:
+        """Shields ``indices`` as float32 ``[N, *item_shape]`` on the CPU (report thumbnails, resizing)."""
+
+    def mapped(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ShieldSource:
+        """This set seen through a general map ``fn`` (a latent format's ``process_in``); ValueError if it cannot be."""
+
+    def on_device(self, device) -> ShieldSource:
+        """This set ready for queries on ``device`` (the sampling device, once per run)."""
+
+    def resampled(self, item_shape: tuple) -> ShieldSource:
+        """This set resized to ``item_shape``'s height/width (a hires pass); ValueError if it cannot be."""
+
+
+def model_space(source: ShieldSource, process_in: Callable, affine: tuple[float, float] | None) -> ShieldSource:
+    """``source`` (LATENT space) as the model sees it: a view through ``affine = (scale, shift)`` when
+    ``process_in(x) == scale * (x - shift)``, else ``source.mapped(process_in)``."""
+    return source.mapped(process_in) if affine is None else AffineShields(source, *affine)
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +119,23 @@ class TensorShields:
         """True when queries go through the feature screen (else every shield is verified)."""
         return len(self) >= max(1, self.screen_min_rows)
 
-    def to(self, device) -> "TensorShields":
+    def to(self, device) -> TensorShields:
         """Place the features on ``device`` now (they would be on first use); the latents stay on the CPU."""
         if self.screened:
             self.screen(torch.device(device))
         return self
+
+    def on_device(self, device) -> TensorShields:
+        return self.to(device)
+
+    def latents(self, indices) -> torch.Tensor:
+        return self.shields[torch.as_tensor(indices, dtype=torch.long)].float()
+
+    def mapped(self, fn) -> TensorShields:
+        return TensorShields(fn(self.shields.clone()).float())
+
+    def resampled(self, item_shape: tuple) -> TensorShields:
+        return resampled_source(self, item_shape)
 
     def screen(self, device: torch.device) -> FeatureScreen:
         """The feature screen resident on ``device`` (features computed once, in float64 on the CPU)."""
@@ -215,6 +268,19 @@ class AffineShields:
         dist, idx = self.source.nearest(self._to_source(queries))
         return dist * abs(self.scale), idx
 
+    def latents(self, indices) -> torch.Tensor:
+        return (self.source.latents(indices).float() - self.shift) * self.scale
+
+    def mapped(self, fn) -> ShieldSource:
+        return self.source.mapped(lambda z: fn((z.float() - self.shift) * self.scale))
+
+    def on_device(self, device) -> AffineShields:
+        return AffineShields(self.source.on_device(device), self.scale, self.shift)
+
+    def resampled(self, item_shape: tuple) -> AffineShields:
+        """Resizing (weights summing to one) commutes with a scalar affine map: resize the source, keep the view."""
+        return AffineShields(self.source.resampled(item_shape), self.scale, self.shift)
+
 
 class ConcatShields:
     """Several sources searched as one (e.g. a protected set plus the run history)."""
@@ -247,6 +313,27 @@ class ConcatShields:
             offset += len(s)
         return best, best_idx
 
+    def latents(self, indices) -> torch.Tensor:
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < len(self)):
+            raise IndexError(f"shield indices must lie in 0 .. {len(self) - 1}, got {idx.tolist()[:10]}")
+        out, offset = torch.empty(idx.numel(), *self.item_shape), 0
+        for s in self.sources:
+            mine = (idx >= offset) & (idx < offset + len(s))
+            if mine.any():
+                out[mine] = s.latents((idx[mine] - offset).tolist()).float()
+            offset += len(s)
+        return out
+
+    def mapped(self, fn) -> ConcatShields:
+        return ConcatShields([s.mapped(fn) for s in self.sources])
+
+    def on_device(self, device) -> ConcatShields:
+        return ConcatShields([s.on_device(device) for s in self.sources])
+
+    def resampled(self, item_shape: tuple) -> TensorShields:
+        return resampled_source(self, item_shape)
+
 
 # A set larger than this is not resampled in memory (hires passes): the user loads it at the new size instead.
 MAX_RESAMPLED_SHIELDS = 4096
@@ -271,7 +358,7 @@ def resample_latents(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return out.reshape(*lead, *size)
 
 
-def resampled_source(source, item_shape: tuple) -> TensorShields:
+def resampled_source(source: ShieldSource, item_shape: tuple) -> TensorShields:
     """An in-memory copy of ``source`` (LATENT space) with every shield resized to ``item_shape``'s height/width.
 
     Raises ValueError when channels or frames differ (those cannot be resampled meaningfully) or when the set
@@ -297,16 +384,11 @@ def resample_mismatch(have: tuple, want: tuple) -> str:
     return f"shields have {have[1]} latent frames but the sampled latent has {want[1]} (C x T x H x W)"
 
 
-def all_latents(source) -> torch.Tensor:
-    """Every shield of a source as one float32 tensor (in-memory sets, databases, concatenations)."""
-    if isinstance(source, TensorShields):
-        return source.shields.float().cpu()
-    if isinstance(source, ConcatShields):
-        return torch.cat([all_latents(s) for s in source.sources])
-    if hasattr(source, "latents"):
-        return torch.cat([source.latents(list(range(s, min(s + RESAMPLE_CHUNK, len(source)))))
-                          for s in range(0, len(source), RESAMPLE_CHUNK)]).float()
-    raise ValueError(f"a {type(source).__name__} cannot list its shields")
+def all_latents(source: ShieldSource) -> torch.Tensor:
+    """Every shield of a source as one float32 tensor on the CPU, read ``RESAMPLE_CHUNK`` at a time."""
+    chunks = [source.latents(list(range(s, min(s + RESAMPLE_CHUNK, len(source)))))
+              for s in range(0, len(source), RESAMPLE_CHUNK)]
+    return torch.cat(chunks).float() if chunks else torch.zeros(0, *source.item_shape)
 
 
 class ExcludedShields:
@@ -318,6 +400,9 @@ class ExcludedShields:
     """
 
     NEAREST_GROWTH_ROUNDS = 20
+    # Exclusion compares values bit for bit, which a map or a resize of the source would not keep.
+    NOT_REMADE = ("shields are excluded last, in the space and at the size the run compares them: map or resize "
+                  "the source first, then exclude")
 
     def __init__(self, source, excluded: torch.Tensor):
         self.source = source
@@ -355,3 +440,16 @@ class ExcludedShields:
                     dist[b] = d.min().to(dist.device)
                     break
         return dist, idx
+
+    def latents(self, indices) -> torch.Tensor:
+        """Shields of the underlying source (``nearest`` reports its indices)."""
+        return self.source.latents(indices)
+
+    def mapped(self, fn) -> ShieldSource:
+        raise ValueError(self.NOT_REMADE)
+
+    def on_device(self, device) -> ExcludedShields:
+        return ExcludedShields(self.source.on_device(device), self.excluded.reshape(-1, *self.item_shape))
+
+    def resampled(self, item_shape: tuple) -> ShieldSource:
+        raise ValueError(self.NOT_REMADE)

@@ -40,11 +40,10 @@ def image_array(images: torch.Tensor | None) -> np.ndarray | None:
 
 
 def decoded_shields(shield_set, indices: list[int], vae) -> np.ndarray | None:
-    """Decode the nearest shields with ``vae`` when the set holds latents but no thumbnails."""
-    latents = getattr(shield_set.source, "shields", None)
-    if vae is None or latents is None:
+    """Decode the nearest shields with ``vae`` when the set has no thumbnails."""
+    if vae is None:
         return None
-    images = vae.decode(latents[torch.tensor(indices)].float())
+    images = vae.decode(shield_set.source.latents(indices))
     return images.reshape(-1, *images.shape[-3:]).float().cpu().numpy()
 
 

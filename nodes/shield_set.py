@@ -1,27 +1,27 @@
 """The SHIELD_SET type: a searchable set of protected latents, stored in LATENT (VAE) space."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
-from ..guidance.shields import TensorShields
+from ..guidance.shields import ShieldSource, TensorShields
 
 SHIELD_SET = "SHIELD_SET"
 
 
 @dataclass
 class ShieldSet:
-    """What SPELL repels from. ``source`` follows the protocol of ``guidance.shields`` in LATENT space.
+    """What SPELL repels from. ``source`` is a ``guidance.shields.ShieldSource`` in LATENT space.
 
     The correction asks ``source.within(queries, radius)`` for neighbours; it never reads every shield,
     so a source may be an index over millions of latents on disk (``shield_db``).
     """
 
-    source: object
+    source: ShieldSource
     name: str = "shields"
-    thumbnails: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # indices -> uint8 [N, h, w, 3]
+    thumbnails: Callable[[torch.Tensor], torch.Tensor] | None = None  # indices -> uint8 [N, h, w, 3]
     labels: list = field(default_factory=list)                             # optional per-shield names
 
     @property
@@ -32,7 +32,7 @@ class ShieldSet:
         return len(self.source)
 
     @classmethod
-    def from_latents(cls, samples: torch.Tensor, name: str = "latents") -> "ShieldSet":
+    def from_latents(cls, samples: torch.Tensor, name: str = "latents") -> ShieldSet:
         return cls(TensorShields(samples.detach().float().cpu()), name=name)
 
     def describe(self) -> str:

@@ -25,9 +25,8 @@ import torch
 
 from ..guidance import history as spell_history
 from ..guidance import spell
+from ..guidance.shields import ConcatShields, ExcludedShields, ShieldSource, model_space, resample_mismatch
 from ..guidance.spell_record import OutputRecord, SpellReport, step_record
-from ..guidance.shields import (AffineShields, ConcatShields, ExcludedShields, TensorShields, resample_mismatch,
-                                resampled_source)
 from ..guidance.window import SigmaWindow
 from .hooks import WRAPPERS, check_percents, sigma_window
 
@@ -83,26 +82,17 @@ def latent_affine(latent_format, item_shape) -> tuple[float, float] | None:
     return (a, -b / a) if a != 0 else None
 
 
-def to_model_space(source, latent_format, node: str):
+def to_model_space(source: ShieldSource, latent_format, node: str) -> ShieldSource:
     """A LATENT-space shield source as seen in the model's space (``latent_format.process_in``)."""
-    affine = latent_affine(latent_format, source.item_shape)
-    if affine is not None:
-        return AffineShields(source, *affine)
-    if isinstance(source, TensorShields):
-        return TensorShields(latent_format.process_in(source.shields.clone()).float())
-    if isinstance(source, ConcatShields):
-        return ConcatShields([to_model_space(s, latent_format, node) for s in source.sources])
-    raise ValueError(f"{node}: this model's latent format is not a scalar affine map, so an indexed shield set "
-                     f"cannot be searched in its space; load the shields as a LATENT batch instead")
+    try:
+        return model_space(source, latent_format.process_in, latent_affine(latent_format, source.item_shape))
+    except ValueError as err:
+        raise ValueError(f"{node}: {err}") from err
 
 
-def on_device(source, device):
-    """In-memory shields move to the sampling device once per run; indexed sources stay where they are."""
-    if isinstance(source, TensorShields):
-        return source.to(device)
-    if isinstance(source, ConcatShields):
-        return ConcatShields([on_device(s, device) for s in source.sources])
-    return source
+def on_device(source: ShieldSource, device) -> ShieldSource:
+    """The source ready for the sampling device, once per run (in-memory features move; indexed sets stay)."""
+    return source.on_device(device)
 
 
 def shields_for_shape(settings: SpellSettings, latent_shape: tuple, cache: dict):
@@ -124,7 +114,7 @@ def shields_for_shape(settings: SpellSettings, latent_shape: tuple, cache: dict)
                          f"family and frame count as the latent you sample")
     if want not in cache:
         try:
-            cache[want] = resampled_source(shield_set.source, want)
+            cache[want] = shield_set.source.resampled(want)
         except ValueError as err:
             raise ValueError(f"{settings.node}: input 'shield_set' ({got}) cannot be compared with the sampled "
                              f"latent ({need}): {err}; load the shield set at this pass's width/height (a second "

@@ -21,10 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-try:  # inside ComfyUI the pack is one package; in the WebUI, the CLI and the tests guidance/ is a top-level sibling
-    from ..guidance import feature_screen as _map
-except ImportError:
-    from guidance import feature_screen as _map
+from .guidance_math import feature_screen as _map
 
 FeatureScreen = _map.FeatureScreen
 FEATURE_REL_ERROR = _map.FEATURE_REL_ERROR

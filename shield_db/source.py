@@ -1,4 +1,4 @@
-"""A database as a shield source (protocol of ``guidance.shields``): exact range and nearest search."""
+"""A database as a shield source (``guidance.shields.ShieldSource``): exact range and nearest search."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,12 @@ import numpy as np
 import torch
 
 from .exact import pair_mask
+from .guidance_math import shields as _shields
 from .projection import FeatureScreen, feature_error, features
 from .snapshot import Snapshot
+
+NOT_MAPPABLE = _shields.NOT_MAPPABLE
+resampled_source = _shields.resampled_source
 
 LOG = logging.getLogger("shielded_sampling")
 SCREENS = ("device", "index")
@@ -177,6 +181,17 @@ class DatabaseShields:
 
     def latents(self, indices) -> torch.Tensor:
         return torch.from_numpy(self.snapshot.read_rows(self.rows[np.asarray(indices, np.int64)]).astype(np.float32))
+
+    def mapped(self, fn):
+        raise ValueError(NOT_MAPPABLE)
+
+    def on_device(self, device) -> DatabaseShields:
+        """Itself: the device screen is built on the first query from an accelerator."""
+        return self
+
+    def resampled(self, item_shape: tuple):
+        """An in-memory copy resized to ``item_shape``'s height/width (small sets only)."""
+        return resampled_source(self, item_shape)
 
     def sources(self, indices) -> list[str]:
         return [self.snapshot.live_sources[int(i)] for i in np.asarray(indices).reshape(-1)]
