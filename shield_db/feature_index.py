@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 from safetensors.numpy import load
 
-from .cascade import Cascade, prefix_features, squared_norms
+from .cascade import Cascade, prefix_features
 from .errors import CorruptDatabaseError
 from .projection import FEATURE_REL_ERROR, features, search_radius_sq
 from .storage import write_bytes_atomic, write_safetensors_atomic
