@@ -21,7 +21,7 @@ from .storage import write_safetensors_atomic
 LOG = logging.getLogger("shielded_sampling")
 DEFAULT_SHARD_ROWS = 65536
 DEFAULT_COMMIT_ROWS = 256
-DEFAULT_INDEX_DIM = 256  # PCA directions; real images need many (docs/shield_db_real_images.md)
+DEFAULT_INDEX_DIM = 128  # PCA directions; real images need more than 64 (docs/shield_db_real_images.md)
 MERGE_RUN = 8
 MAINTENANCE = "maintenance_pending"  # manifest key: set by every commit before the last one of a writer
 

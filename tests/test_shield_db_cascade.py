@@ -105,8 +105,8 @@ def test_cascade_of_no_rows_and_bad_widths():
 
 def test_screen_widths_per_stored_feature_width():
     assert screen_widths(9) == () and screen_widths(41) == ()
-    assert screen_widths(65) == (32,) and screen_widths(129) == (32,)   # the 64- and 128-direction releases
-    assert screen_widths(257) == (32, 128)                                # today's default
+    assert screen_widths(65) == (32,) and screen_widths(129) == (32,)   # 64 directions, 128 (the default)
+    assert screen_widths(257) == (32, 128)
     assert screen_widths(513) == (32, 128)
 
 

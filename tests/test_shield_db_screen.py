@@ -110,24 +110,25 @@ def test_points_exactly_at_the_radius_and_duplicates(tmp_path, index_dim):
     assert 7 not in inside and np.array_equal(inside, brute_within(data, q[:1], 2.0 * (1 - 1e-6))[0])
 
 
-@pytest.mark.parametrize("old_dim", [16, 64, 128])  # 64 and 128: the defaults of the two previous releases
+@pytest.mark.parametrize("old_dim", [16, 64, 256])  # 64: the default of the release before the previous one
 def test_database_indexed_with_another_basis_size_is_searched_then_refitted(tmp_path, old_dim):
+    """Old databases open as they are (exact with their own basis); the next write refits the default."""
     data = real_like(1200, seed=6)
     db = make_db(tmp_path, data, old_dim)  # as an older release (another default) left it
     q = torch.from_numpy(data[:4].astype(np.float32)) + 0.05
     radius = float(brute_within(data, q, 0)[1].sort(1).values[:, 4].max())
     old = DatabaseShields(db.snapshot(), small_set_rows=0)
     assert old.snapshot.index.a.shape[1] == old_dim
-    assert old.snapshot.index.cascade().widths == {16: (), 64: (32,), 128: (32,)}[old_dim]
+    assert old.snapshot.index.cascade().widths == {16: (), 64: (32,), 256: (32, 128)}[old_dim]
     assert np.array_equal(old.within_rows(q, radius), brute_within(data, q, radius)[0])
     old_files = set(manifest.load(db.folder)["index"][key]["file"] for key in ("basis", "faiss"))
     with db.writer() as txn:  # the next write, with today's default
         txn.add_batch(["extra"], ["f" * 64], data[:1] + np.float16(0.5))
     entry = manifest.load(db.folder)["index"]
-    assert entry["dim"] == 256 and not old_files & {entry[key]["file"] for key in ("basis", "faiss")}
+    assert entry["dim"] == 128 and not old_files & {entry[key]["file"] for key in ("basis", "faiss")}
     assert all(not (db.folder / f).exists() for f in old_files)
     new = DatabaseShields(db.snapshot(), small_set_rows=0)  # opening checks the new files against the manifest
-    assert new.snapshot.index.a.shape[1] == 256 and new.snapshot.index.rows == 1201
-    assert new.snapshot.index.cascade().widths == (32, 128)
+    assert new.snapshot.index.a.shape[1] == 128 and new.snapshot.index.rows == 1201
+    assert new.snapshot.index.cascade().widths == (32,)
     both = np.concatenate([data, data[:1] + np.float16(0.5)])
     assert np.array_equal(new.within_rows(q, radius), brute_within(both, q, radius)[0])
