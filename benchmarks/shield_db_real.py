@@ -7,7 +7,8 @@ e.g. 1,000,000 rows = 70,000 images x 15 variants (the first is the image itself
 stored rows + white noise of std 0.02; the radius is the median over 64 such queries of the distance to their 6th
 nearest shield (the query's own image and ~5 neighbours). Truth: float64 distances on a generous exact pass.
 
-Rows of the table, all in this one process, interleaved on the same batches (order rotated per batch):
+Rows of the table, all in this one process, interleaved on the same batches (a random order per batch, the CPU
+caches flushed before each method by streaming 256 MB, so none inherits the rows the one before it touched):
 shield_db as built (its default feature map and cascade screen; a database indexed by an older release is first
 upgraded by an empty write, timed), the previous release (128 directions, its two-pass screen), ablations (other
 basis sizes ``k`` with today's cascade; ``k=64`` also with the FAISS range search of the release before), flat,
@@ -49,6 +50,7 @@ QUERY_NOISE = 0.02
 COPY_NOISE = 0.01
 CHUNK = 65536
 RESULTS = Path(__file__).resolve().parent / "results"
+EVICT_BYTES = 256 << 20
 VARIANTS = [(0, 0, False)] + [(dy, dx, f) for f in (False, True) for dy, dx in
                               ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (0, 2))] + [(0, 0, True)]
 
@@ -108,6 +110,11 @@ def all_rows(snap) -> np.ndarray:
 def make_queries(x16: np.ndarray, rng) -> np.ndarray:
     pick = rng.choice(len(x16), 8, replace=False)
     return np.ascontiguousarray(x16[pick].astype(np.float32) + QUERY_NOISE * rng.standard_normal((8, DIM)).astype(np.float32))
+
+
+def evict_caches(scratch: np.ndarray) -> None:
+    """Stream a buffer larger than the L3 cache, so no method inherits the rows the previous one touched."""
+    scratch.sum()
 
 
 def truth(flat, x16: np.ndarray, q: np.ndarray, radius: float) -> set:
@@ -315,11 +322,14 @@ def main():
     methods = list(variants) + ["flat", "ivf1", "ivf2", "ivf10"]
     stats = {m: {"t": [], "cpu": [], "found": 0, "extra": 0, "cand": []} for m in methods}
     n_true = 0
+    order_rng = np.random.default_rng(5)
+    scratch = np.ones(EVICT_BYTES // 8)
     for rep in range(args.reps):
         q = make_queries(x16, rng)
         ref = truth(flat, x16, q, radius)
         n_true += len(ref)
-        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+        for m in order_rng.permutation(methods).tolist():
+            evict_caches(scratch)
             if m in variants:
                 snap.index = variants[m]
                 c0, t0 = time.process_time(), time.perf_counter()
