@@ -93,7 +93,6 @@ class Cascade:
             raise ValueError(f"prefix widths must increase strictly within (0, {width - 1}), got {widths}")
         chunks = [full[lo:lo + BUILD_CHUNK_ROWS] for lo in range(0, n, BUILD_CHUNK_ROWS)]
         self.full_sq = _concat([squared_norms(c) for c in chunks], (0,))
-        self.first = None
         if self.widths:
             m = self.widths[0]
             levels = [prefix_features(c, m) for c in chunks]

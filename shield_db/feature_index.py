@@ -1,9 +1,9 @@
 """The stored features of a database (a ``faiss.IndexFlatL2``, its on-disk format) and their range screen.
 
 The screen (:mod:`shield_db.cascade`) runs as a cascade of passes, each one folded matrix product over all
-queries of a batch: first the prefix map of :data:`FIRST_WIDTH` coordinates over every row (a contiguous copy),
-then wider prefixes and the full features on the survivors only. One product per pass reads the features once
-per batch (FAISS's range search reads them once per query below 20 queries).
+queries of a batch: first a prefix map of the leading coordinates over every row (a contiguous copy), then
+wider prefixes and the full features on the survivors only (widths: :func:`screen_widths`). One product per pass
+reads the features once per batch (FAISS's range search reads them once per query below 20 queries).
 """
 from __future__ import annotations
 
