@@ -7,9 +7,12 @@ e.g. 1,000,000 rows = 70,000 images x 15 variants (the first is the image itself
 stored rows + white noise of std 0.02; the radius is the median over 64 such queries of the distance to their 6th
 nearest shield (the query's own image and ~5 neighbours). Truth: float64 distances on a generous exact pass.
 
-Rows of the table, all in this one process, interleaved on the same batches (order rotated per batch):
-shield_db as built (its default feature map and screen), ablations of the screen (``faiss screen`` = the previous
-release's FAISS range search on the same features; other basis sizes ``k``), flat, IVF (nlist = sqrt N).
+Rows of the table, all in this one process, interleaved on the same batches (a random order per batch, the CPU
+caches flushed before each method by streaming 256 MB, so none inherits the rows the one before it touched):
+shield_db as built (its default feature map and cascade screen; a database indexed by an older release is first
+upgraded by an empty write, timed), the previous release (128 directions, its two-pass screen), ablations (other
+basis sizes ``k`` with today's cascade; ``k=64`` also with the FAISS range search of the release before), flat,
+IVF (nlist = sqrt N).
 ``--diagnose`` also prints why the screen passes what it passes (energy captured, residual spread, candidates per
 query for k = 64/128/256, and how many rows exact k-means cell pruning by the triangle inequality would keep).
 
@@ -34,9 +37,11 @@ import numpy as np
 import torch
 
 from shield_db.database import ShieldDatabase
+from shield_db.cascade import squared_norms
 from shield_db.feature_index import COARSE_DIM, FeatureIndex, coarse_features
 from shield_db.projection import FEATURE_REL_ERROR, features, fit_basis, search_radius_sq
 from shield_db.source import DatabaseShields
+from shield_db.transaction import DEFAULT_INDEX_DIM
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 SHAPE = (1, 28, 28)
@@ -45,6 +50,7 @@ QUERY_NOISE = 0.02
 COPY_NOISE = 0.01
 CHUNK = 65536
 RESULTS = Path(__file__).resolve().parent / "results"
+EVICT_BYTES = 256 << 20
 VARIANTS = [(0, 0, False)] + [(dy, dx, f) for f in (False, True) for dy, dx in
                               ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (0, 2))] + [(0, 0, True)]
 
@@ -106,6 +112,11 @@ def make_queries(x16: np.ndarray, rng) -> np.ndarray:
     return np.ascontiguousarray(x16[pick].astype(np.float32) + QUERY_NOISE * rng.standard_normal((8, DIM)).astype(np.float32))
 
 
+def evict_caches(scratch: np.ndarray) -> None:
+    """Stream a buffer larger than the L3 cache, so no method inherits the rows the previous one touched."""
+    scratch.sum()
+
+
 def truth(flat, x16: np.ndarray, q: np.ndarray, radius: float) -> set:
     _, _, rows = flat.range_search(q, (radius * 1.01) ** 2)
     rows = np.unique(rows)
@@ -125,6 +136,51 @@ class FaissScreen(FeatureIndex):
         return np.unique(ids).astype(np.int64)
 
 
+class PreviousScreen(FeatureIndex):
+    """The previous release's screen (two passes: 32 coarse numbers then the full features, each pass three
+    array operations on ``[B, chunk]``, one radius for the whole batch), for the ablation row."""
+
+    def candidates(self, queries, radius):
+        feats, norms = features(queries, self.mu, self.a)
+        r2 = float(self.screen_radii_sq(feats, norms, radius).max())
+        cascade = self.cascade()
+        if not hasattr(self, "_coarse"):
+            self._coarse = coarse_features(cascade.full, COARSE_DIM)
+            self._coarse_sq = squared_norms(self._coarse)
+        rows = previous_pass(coarse_features(feats, COARSE_DIM), self._coarse, self._coarse_sq, r2)
+        return rows[previous_pass(feats, cascade.full[rows], cascade.full_sq[rows], r2)].astype(np.int64)
+
+
+def previous_pass(queries, rows, rows_sq, r2):
+    q_sq = squared_norms(queries)[:, None]
+    found = []
+    for lo in range(0, len(rows), CHUNK):
+        d2 = queries @ rows[lo:lo + CHUNK].T
+        d2 *= -2
+        d2 += rows_sq[lo:lo + CHUNK]
+        d2 += q_sq
+        found.append(lo + np.flatnonzero((d2 <= np.float32(r2)).any(0)))
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+def screen_mb(index: FeatureIndex) -> float:
+    """RAM of the stored features and the screen's arrays, MB."""
+    cascade = index.cascade()
+    arrays = [cascade.full, cascade.full_sq, cascade.first, *cascade.tails.values(), *cascade.level_sq.values()]
+    extra = getattr(index, "_coarse", None)
+    return (sum(a.nbytes for a in arrays) + (0 if extra is None else extra.nbytes * 35 // 34)) / 1e6
+
+
+def upgrade(db: ShieldDatabase) -> float | None:
+    """Refit a database indexed with another basis size (an empty write does it); seconds, or None if current."""
+    if db.snapshot(check_sha=False, load_index=False).body["index"]["dim"] == DEFAULT_INDEX_DIM:
+        return None
+    t0 = time.perf_counter()
+    with db.writer():
+        pass
+    return time.perf_counter() - t0
+
+
 def index_of_dim(x16: np.ndarray, k: int, cls=FeatureIndex) -> FeatureIndex:
     sample = np.sort(np.random.default_rng(0).choice(len(x16), min(len(x16), 8192), replace=False))
     mu, a = fit_basis(x16[sample], k)
@@ -141,7 +197,7 @@ def diagnose(x16: np.ndarray, radius: float, rng) -> list[str]:
              "|---|---|---|---|---|"]
     for k in (64, 128, 256):
         index = index_of_dim(x16, k)
-        full, _, _, _ = index.screen_arrays()
+        full = index.cascade().full
         fq, _ = features(q, index.mu, index.a)
         energy = float(np.square(full[:, :-1], dtype=np.float64).sum() / np.square(full, dtype=np.float64).sum())
         per_query = [len(index.candidates(q[b:b + 1], radius)) for b in range(len(q))]
@@ -184,7 +240,8 @@ def cells_of_database(index, x16: np.ndarray, radius: float) -> list[str]:
     rng = np.random.default_rng(13)
     q = np.concatenate([make_queries(x16, rng) for _ in range(4)])
     fq, _ = features(q, index.mu, index.a)
-    full, _, coarse, _ = index.screen_arrays()
+    full = index.cascade().full
+    coarse = coarse_features(full, COARSE_DIM)
     out = []
     for name, rows, fq_rows in ((f"all {full.shape[1]} features", full, fq),
                                 (f"coarse {COARSE_DIM + 1} features", coarse, coarse_features(fq, COARSE_DIM))):
@@ -197,7 +254,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=60000)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--dims", type=int, nargs="*", default=[128, 256], help="extra basis sizes (ablation rows)")
+    parser.add_argument("--dims", type=int, nargs="*", default=[], help="extra basis sizes (ablation rows; "
+                        "128, the previous release, is always measured)")
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--cells", action="store_true", help="only measure exact k-means cell pruning on the "
                                                              "database's own features, then stop")
@@ -208,6 +266,8 @@ def main():
     if args.rows <= 60000:
         images = images[:60000]
     db, build_s = build(root, images, args.rows)
+    load_start = os.getloadavg()[0]
+    upgrade_s = upgrade(db)
     source = DatabaseShields(db.snapshot(check_sha=False))
     snap = source.snapshot
     x16 = all_rows(snap)
@@ -239,26 +299,37 @@ def main():
         ivf.add(x16[lo:lo + CHUNK].astype(np.float32))
     ivf_build = time.perf_counter() - t0
     own = snap.index
-    variants = {f"shield_db (k={own.a.shape[1]})": own}
-    t0 = time.perf_counter()
-    variants[f"  faiss screen (k={own.a.shape[1]})"] = FaissScreen(own.mu, own.a, own.index, own.max_norm)
+    variants = {f"shield_db (k={own.a.shape[1]}, cascade {'/'.join(map(str, own.widths))}/full)": own}
     builds = {name: build_s for name in variants}
-    for k in args.dims:
+    for k in [128] + [k for k in args.dims if k != 128]:
         t0 = time.perf_counter()
-        variants[f"  k={k}"] = index_of_dim(x16, k)
+        v = index_of_dim(x16, k)
         builds[f"  k={k}"] = time.perf_counter() - t0
-        if k == 64:  # the previous release: 64 directions, FAISS range search
-            v = variants[f"  k={k}"]
-            variants["  k=64, faiss screen (previous release)"] = FaissScreen(v.mu, v.a, v.index, v.max_norm)
-            builds["  k=64, faiss screen (previous release)"] = builds[f"  k={k}"]
+        if k == 128:  # the previous release: 128 directions, its two-pass screen
+            variants["  previous release (k=128, two-pass screen)"] = PreviousScreen(v.mu, v.a, v.index, v.max_norm)
+            builds["  previous release (k=128, two-pass screen)"] = builds[f"  k={k}"]
+        if k != own.a.shape[1]:
+            variants[f"  k={k}, cascade {'/'.join(map(str, v.widths))}/full"] = v
+            builds[f"  k={k}, cascade {'/'.join(map(str, v.widths))}/full"] = builds[f"  k={k}"]
+        if k == 64:  # the release before: 64 directions, FAISS range search
+            variants["  k=64, faiss screen (release before)"] = FaissScreen(v.mu, v.a, v.index, v.max_norm)
+            builds["  k=64, faiss screen (release before)"] = builds[f"  k={k}"]
+    arrays_s = {}
+    for name, v in variants.items():  # the screen's arrays are built when an opened set is first searched
+        t0 = time.perf_counter()
+        v.candidates(probe[:8], radius)
+        arrays_s[name] = time.perf_counter() - t0
     methods = list(variants) + ["flat", "ivf1", "ivf2", "ivf10"]
     stats = {m: {"t": [], "cpu": [], "found": 0, "extra": 0, "cand": []} for m in methods}
     n_true = 0
+    order_rng = np.random.default_rng(5)
+    scratch = np.ones(EVICT_BYTES // 8)
     for rep in range(args.reps):
         q = make_queries(x16, rng)
         ref = truth(flat, x16, q, radius)
         n_true += len(ref)
-        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+        for m in order_rng.permutation(methods).tolist():
+            evict_caches(scratch)
             if m in variants:
                 snap.index = variants[m]
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -287,16 +358,22 @@ def main():
     names = {"flat": "flat (`IndexFlatL2`)", "ivf1": f"IVF nprobe 1 (nlist {nlist})", "ivf2": "IVF nprobe 2",
              "ivf10": "IVF nprobe 10"}
     lines = ["| method | recall | missed | ms / batch of 8 (median) | x flat | CPU ms / batch | x flat (CPU) | "
-             "candidates / batch | build s |", "|---|---|---|---|---|---|---|---|---|"]
+             "candidates / batch | screen RAM MB | build s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    memory = {m: screen_mb(v) for m, v in variants.items()}
+    memory.update(flat=flat.ntotal * DIM * 4 / 1e6, ivf1=ivf.ntotal * DIM * 4 / 1e6)
     for m in methods:
         build_time = builds.get(m, flat_build if m == "flat" else ivf_build)
         cand = f"{np.median(stats[m]['cand']):.0f}" if stats[m]["cand"] else ""
+        mem = f"{memory[m]:.0f}" if m in memory else ""
         lines.append(f"| {names.get(m, m)} | {stats[m]['found'] / max(1, n_true):.3f} | {n_true - stats[m]['found']} | "
                      f"{1e3 * med[m]:.1f} | {med['flat'] / med[m]:.1f} | {1e3 * cpu[m]:.1f} | {cpu['flat'] / cpu[m]:.1f} | "
-                     f"{cand} | {build_time:.1f} |")
+                     f"{cand} | {mem} | {build_time:.1f} |")
     table = "\n".join(lines)
     header = (f"{len(x16)} rows x {DIM} dims, radius {radius:.3f}, {args.reps} batches of 8, {n_true} true hits, "
-              f"load average {os.getloadavg()[0]:.1f}")
+              f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; screen arrays built "
+              f"on first search: " + ", ".join(f"{m.strip()} {t:.2f} s" for m, t in arrays_s.items())
+              + ("" if upgrade_s is None else f"; the database's index upgraded to k={DEFAULT_INDEX_DIM} by an empty "
+                                              f"write in {upgrade_s:.1f} s"))
     print(header)
     print(table)
     out = [header, "", table]
@@ -311,7 +388,9 @@ def main():
          "per_batch_s": {m: stats[m]["t"] for m in methods}, "cpu_median_s": cpu,
          "per_batch_cpu_s": {m: stats[m]["cpu"] for m in methods}, "found": {m: stats[m]["found"] for m in methods},
          "extra": {m: stats[m]["extra"] for m in methods}, "candidates": {m: stats[m]["cand"] for m in methods},
-         "build_s": {**builds, "flat": flat_build, "ivf": ivf_build}}, indent=1))
+         "build_s": {**builds, "flat": flat_build, "ivf": ivf_build}, "upgrade_s": upgrade_s,
+         "screen_arrays_s": arrays_s, "screen_mb": memory, "load_average": [load_start, os.getloadavg()[0]]},
+        indent=1))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,9 @@
-"""Range screen on projected features, returning a candidate superset of the true hits.
+"""The stored features of a database (a ``faiss.IndexFlatL2``, its on-disk format) and their range screen.
 
-The features live in a ``faiss.IndexFlatL2`` (its on-disk format); the range screen reads them in place and
-runs in two passes, both batched matrix products over all queries of a batch:
-
-1. coarse: the first ``COARSE_DIM`` coordinates plus the norm of the rest (:func:`coarse_features`), a
-   1-Lipschitz image of the features, so coarse distances never exceed feature distances;
-2. full: the survivors' full features.
-
-One matrix product per pass reads the features once per batch (FAISS's range search reads them once per
-query below 20 queries), and the coarse pass reads ``COARSE_DIM + 1`` of ``k + 1`` numbers per row.
+The screen (:mod:`shield_db.cascade`) runs as a cascade of passes, each one folded matrix product over all
+queries of a batch: first a prefix map of the leading coordinates over every row (a contiguous copy), then
+wider prefixes and the full features on the survivors only (widths: :func:`screen_widths`). One product per pass
+reads the features once per batch (FAISS's range search reads them once per query below 20 queries).
 """
 from __future__ import annotations
 
@@ -19,47 +14,25 @@ import faiss
 import numpy as np
 from safetensors.numpy import load
 
+from .cascade import Cascade, prefix_features
 from .errors import CorruptDatabaseError
 from .projection import FEATURE_REL_ERROR, features, search_radius_sq
 from .storage import write_bytes_atomic, write_safetensors_atomic
 
-COARSE_DIM = 32
-SCREEN_CHUNK_ROWS = 65536
+PREFIX_WIDTHS = (32, 128)   # candidate prefix levels of the cascade (docs/shield_db_real_images.md)
+LEVEL_SHARE = 0.6           # a prefix level is used when its width (m + 1) is at most this share of the next one's
+coarse_features = prefix_features  # the first level's map, under its earlier name
+COARSE_DIM = PREFIX_WIDTHS[0]
 
 
-def coarse_features(feats: np.ndarray, m: int) -> np.ndarray:
-    """``[f_1..f_m, ||f_(m+1..)||]`` float32 of features ``[n, k+1]``.
-
-    1-Lipschitz: ``||c(f) - c(g)||^2 = ||f_h - g_h||^2 + (||f_t|| - ||g_t||)^2 <= ||f - g||^2``. Computed in
-    float64 and rounded once, ``||c^(f^) - c(f)|| <= ||f^ - f|| + 2^-23 ||f||`` (inside ``FEATURE_REL_ERROR``).
-    """
-    tail = np.sqrt(np.square(feats[:, m:], dtype=np.float64).sum(1))
-    return np.concatenate([feats[:, :m], tail[:, None].astype(np.float32)], 1)
-
-
-def squared_norms(feats: np.ndarray) -> np.ndarray:
-    """``||f_i||^2`` summed in float64, rounded once to float32 (relative error <= 2^-24)."""
-    return np.square(feats, dtype=np.float64).sum(1).astype(np.float32)
-
-
-def screen(queries: np.ndarray, rows: np.ndarray, rows_sq: np.ndarray, r2: float) -> np.ndarray:
-    """Sorted ``i`` with ``fl(||r_i||^2 - 2 q_b.r_i + ||q_b||^2) <= r2`` for some query ``b`` (float32).
-
-    Error of that float32 value vs ``||q_b - r_i||^2``: the dot product ``<= gamma_k |q||r|``, the rounded
-    squared norms ``<= 2^-24`` each, two additions ``<= 2^-24`` of at most ``2(||q||^2 + ||r||^2)`` each: in
-    all ``<= 2 gamma_{k+3} (||q||^2 + ||r||^2)``, the same bound as FAISS's, which
-    :func:`shield_db.projection.search_radius_sq` already enlarges ``r2`` by (twice).
-    """
-    q_sq = squared_norms(queries)[:, None]
-    found = []
-    for lo in range(0, len(rows), SCREEN_CHUNK_ROWS):
-        block = rows[lo:lo + SCREEN_CHUNK_ROWS]
-        d2 = queries @ block.T
-        d2 *= -2
-        d2 += rows_sq[lo:lo + len(block)]
-        d2 += q_sq
-        found.append(lo + np.flatnonzero((d2 <= np.float32(r2)).any(0)))
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
+def screen_widths(width: int) -> tuple[int, ...]:
+    """Prefix widths ``m`` of the cascade for stored features of ``width = k + 1`` numbers."""
+    chosen, upper = [], width
+    for m in sorted(PREFIX_WIDTHS, reverse=True):
+        if m + 1 <= LEVEL_SHARE * upper:
+            chosen.append(m)
+            upper = m + 1
+    return tuple(sorted(chosen))
 
 
 class FeatureIndex:
@@ -67,7 +40,8 @@ class FeatureIndex:
 
     def __init__(self, mu: np.ndarray, a: np.ndarray, index: faiss.Index, max_norm: float):
         self.mu, self.a, self.index, self.max_norm = mu, a, index, float(max_norm)
-        self._screen_arrays = None  # (features view, their squared norms, coarse features, theirs): built lazily
+        self.widths = screen_widths(int(index.d))
+        self._cascade = None  # the screen's arrays, built from the stored features when first searched
 
     @classmethod
     def empty(cls, mu: np.ndarray, a: np.ndarray) -> "FeatureIndex":
@@ -81,39 +55,28 @@ class FeatureIndex:
         """Append the features of rows ``x [n, ...]``."""
         feats, norms = features(x, self.mu, self.a)
         self.index.add(np.ascontiguousarray(feats))
-        self._screen_arrays = None  # the index may have moved its storage
+        self._cascade = None  # the index may have moved its storage
         if len(norms):
             self.max_norm = max(self.max_norm, float(norms.max()))
 
     def candidates(self, queries: np.ndarray, radius: float) -> np.ndarray:
         """Sorted rows whose features lie close enough that they may be within ``radius`` of a query."""
         feats, norms = features(queries, self.mu, self.a)
-        max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
-        r2 = max(search_radius_sq(radius, float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
-                                  max_feat_sq, feats.shape[1]) for n in norms)
-        full, full_sq, coarse, coarse_sq = self.screen_arrays()
-        if coarse is None:
-            return screen(feats, full, full_sq, r2).astype(np.int64)
-        rows = screen(coarse_features(feats, COARSE_DIM), coarse, coarse_sq, r2)
-        return rows[screen(feats, full[rows], full_sq[rows], r2)].astype(np.int64)
+        return self.cascade().candidates(feats, self.screen_radii_sq(feats, norms, radius))
 
-    def screen_arrays(self) -> tuple:
-        """The stored features (a view into the FAISS index), their squared norms, and the coarse pass's arrays
-        (``None`` when the features are too short for two passes to pay)."""
-        if self._screen_arrays is None:
+    def screen_radii_sq(self, feats: np.ndarray, norms: np.ndarray, radius: float) -> np.ndarray:
+        """``[B]`` squared feature radii no true hit of each query can exceed, float bounds included."""
+        max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
+        return np.array([search_radius_sq(radius, float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
+                                          max_feat_sq, feats.shape[1]) for n in norms], np.float64)
+
+    def cascade(self) -> Cascade:
+        """The screen's arrays over the stored features (a view into the FAISS index, not a copy)."""
+        if self._cascade is None or self._cascade.widths != self.widths:
             n, d = self.rows, self.index.d
             full = faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
-            chunks = range(0, n, SCREEN_CHUNK_ROWS)
-            full_sq = np.concatenate([squared_norms(full[lo:lo + SCREEN_CHUNK_ROWS]) for lo in chunks]
-                                     or [np.zeros(0, np.float32)])
-            coarse = coarse_sq = None
-            if d > 2 * (COARSE_DIM + 1):
-                coarse = np.concatenate([coarse_features(full[lo:lo + SCREEN_CHUNK_ROWS], COARSE_DIM) for lo in chunks]
-                                        or [np.zeros((0, COARSE_DIM + 1), np.float32)])
-                coarse_sq = np.concatenate([squared_norms(coarse[lo:lo + SCREEN_CHUNK_ROWS]) for lo in chunks]
-                                           or [np.zeros(0, np.float32)])
-            self._screen_arrays = (full, full_sq, coarse, coarse_sq)
-        return self._screen_arrays
+            self._cascade = Cascade(full, self.widths)
+        return self._cascade
 
     def nearest_candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
         """``[B, k]`` rows nearest in feature space (a cheap upper bound for the exact nearest search)."""

@@ -103,11 +103,11 @@ class RowReader:
         without ``RWF_NOWAIT`` go to the blocking path, which re-reads them whole and reports real errors.
         """
         left = []
+        fd, size, base, nowait = self._fd, self.row_bytes, self.offset, os.RWF_NOWAIT
         for i, (pos, start, count) in enumerate(zip(positions, starts, counts)):
-            want = count * self.row_bytes
-            target = buffer[pos * self.row_bytes:pos * self.row_bytes + want]
+            want = count * size
             try:
-                got = os.preadv(self._fd, [target], self.offset + start * self.row_bytes, os.RWF_NOWAIT)
+                got = os.preadv(fd, [buffer[pos * size:pos * size + want]], base + start * size, nowait)
             except BlockingIOError:
                 got = -1
             except OSError:  # RWF_NOWAIT unsupported here (EOPNOTSUPP, EINVAL): everything left blocks

@@ -38,7 +38,7 @@ class DatabaseShields:
     ``screen="device"`` (default): queries from an accelerator (CUDA, MPS, ...) are screened there: the live
     rows' features stay resident on that device (129 float32 numbers per shield for new databases) and one
     matmul per batch screens them (:class:`guidance.feature_screen.FeatureScreen`, the same bound widened for
-    that device's matmul rounding). Queries on the CPU use the index's own two-pass CPU screen, which is faster
+    that device's matmul rounding). Queries on the CPU use the index's own cascade CPU screen, which is faster
     there. ``screen="index"``: always the index's CPU screen (also the fallback when the stored features cannot
     be read back).
     """

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from shield_db import manifest
 from shield_db.database import ShieldDatabase
-from shield_db.feature_index import COARSE_DIM, coarse_features, screen, squared_norms
+from shield_db.cascade import fold_queries, fold_rows, folded_pass, squared_norms
+from shield_db.feature_index import COARSE_DIM, coarse_features
 from shield_db.source import DatabaseShields
 
-SHAPE = (4, 8, 8)  # 256 dims
+SHAPE = (4, 8, 16)  # 512 dims: 256 directions are a real projection
 
 
 def make_db(tmp_path, data, index_dim, name="db"):
@@ -29,15 +31,16 @@ def brute_within(data, queries, radius):
 def real_like(n, seed=0):
     """Image-like rows: a slowly decaying spectrum (most energy outside any 32 leading directions)."""
     rng = np.random.default_rng(seed)
-    scale = 1.0 / np.sqrt(1.0 + np.arange(256))
-    basis = np.linalg.qr(rng.standard_normal((256, 256)))[0]
-    return ((rng.standard_normal((n, 256)) * scale) @ basis.T * 4).reshape(n, *SHAPE).astype(np.float16)
+    dim = int(np.prod(SHAPE))
+    scale = 1.0 / np.sqrt(1.0 + np.arange(dim))
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    return ((rng.standard_normal((n, dim)) * scale) @ basis.T * 4).reshape(n, *SHAPE).astype(np.float16)
 
 
 def clustered(n, seed=0, clusters=12):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, *SHAPE)) * 3
-    low = rng.standard_normal((n, 4, 2, 2)).repeat(4, 2).repeat(4, 3)
+    low = rng.standard_normal((n, 4, 2, 4)).repeat(4, 2).repeat(4, 3)
     return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *SHAPE))).astype(np.float16)
 
 
@@ -61,20 +64,20 @@ def test_screen_keeps_every_row_within_the_radius_in_float64():
     q = rows[:8] + 0.1 * rng.standard_normal((8, 33)).astype(np.float32)
     exact = np.sqrt(((q.astype(np.float64)[:, None] - rows.astype(np.float64)[None]) ** 2).sum(-1))
     r2 = float(np.sort(exact, 1)[:, 30].max()) ** 2
-    got = screen(q, rows, squared_norms(rows), r2 * (1 + 1e-5))
+    got = folded_pass(*fold_queries(q, np.full(8, r2 * (1 + 1e-5))), fold_rows(rows, squared_norms(rows)))
     expect = np.nonzero((exact ** 2 <= r2).any(0))[0]
     assert set(expect) <= set(got) and len(got) < len(rows)
     assert np.array_equal(got, np.sort(got))
 
 
-@pytest.mark.parametrize("index_dim", [8, 128])  # one pass (9 features) and two passes (129 features)
+@pytest.mark.parametrize("index_dim", [8, 128, 256])  # cascade of 1, 2 and 3 passes (9, 129, 257 features)
 @pytest.mark.parametrize("kind", ["random", "clustered", "real_like"])
 def test_range_search_equals_brute_force(tmp_path, kind, index_dim):
     data = {"random": lambda: np.random.default_rng(1).standard_normal((2000, *SHAPE)).astype(np.float16),
             "clustered": lambda: clustered(2000), "real_like": lambda: real_like(2000)}[kind]()
     src = DatabaseShields(make_db(tmp_path, data, index_dim).snapshot(), small_set_rows=0)
     index = src.snapshot.index
-    assert index.a.shape[1] == index_dim and (index.screen_arrays()[2] is not None) == (index_dim == 128)
+    assert index.a.shape[1] == index_dim and index.cascade().widths == {8: (), 128: (32,), 256: (32, 128)}[index_dim]
     gen = torch.Generator().manual_seed(2)
     queries = torch.from_numpy(data[:8].astype(np.float32)) + 0.05 * torch.randn(8, *SHAPE, generator=gen)
     _, dist = brute_within(data, queries, 0)
@@ -89,11 +92,12 @@ def test_range_search_equals_brute_force(tmp_path, kind, index_dim):
     assert pruned > 0
 
 
-def test_points_exactly_at_the_radius_and_duplicates(tmp_path):
+@pytest.mark.parametrize("index_dim", [128, 256])
+def test_points_exactly_at_the_radius_and_duplicates(tmp_path, index_dim):
     base = real_like(1500, seed=5)
     data = np.concatenate([base, np.repeat(base[[7]], 6, 0), np.repeat(base[[9]], 3, 0)])  # rows 1500-1508 duplicate
-    src = DatabaseShields(make_db(tmp_path, data, 128).snapshot(), small_set_rows=0)
-    assert src.snapshot.index.screen_arrays()[2] is not None
+    src = DatabaseShields(make_db(tmp_path, data, index_dim).snapshot(), small_set_rows=0)
+    assert src.snapshot.index.cascade().widths
     q = torch.from_numpy(data[[7, 9]].astype(np.float32))
     q[0, 1, 2, 3] += 2.0  # exactly 2.0 from shield 7 and its 6 copies (fp16 + 2 is exact in float32)
     q[1, 3, 7, 0] -= 2.0
@@ -106,18 +110,25 @@ def test_points_exactly_at_the_radius_and_duplicates(tmp_path):
     assert 7 not in inside and np.array_equal(inside, brute_within(data, q[:1], 2.0 * (1 - 1e-6))[0])
 
 
-def test_database_indexed_with_another_basis_size_is_searched_then_refitted(tmp_path):
+@pytest.mark.parametrize("old_dim", [16, 64, 256])  # 64: the default of the release before the previous one
+def test_database_indexed_with_another_basis_size_is_searched_then_refitted(tmp_path, old_dim):
+    """Old databases open as they are (exact with their own basis); the next write refits the default."""
     data = real_like(1200, seed=6)
-    db = make_db(tmp_path, data, 16)  # as an older release (another default) left it
+    db = make_db(tmp_path, data, old_dim)  # as an older release (another default) left it
     q = torch.from_numpy(data[:4].astype(np.float32)) + 0.05
     radius = float(brute_within(data, q, 0)[1].sort(1).values[:, 4].max())
     old = DatabaseShields(db.snapshot(), small_set_rows=0)
-    assert old.snapshot.index.a.shape[1] == 16
+    assert old.snapshot.index.a.shape[1] == old_dim
+    assert old.snapshot.index.cascade().widths == {16: (), 64: (32,), 256: (32, 128)}[old_dim]
     assert np.array_equal(old.within_rows(q, radius), brute_within(data, q, radius)[0])
-    with db.writer() as txn:
-        txn.index_dim = 128
+    old_files = set(manifest.load(db.folder)["index"][key]["file"] for key in ("basis", "faiss"))
+    with db.writer() as txn:  # the next write, with today's default
         txn.add_batch(["extra"], ["f" * 64], data[:1] + np.float16(0.5))
-    new = DatabaseShields(db.snapshot(), small_set_rows=0)
+    entry = manifest.load(db.folder)["index"]
+    assert entry["dim"] == 128 and not old_files & {entry[key]["file"] for key in ("basis", "faiss")}
+    assert all(not (db.folder / f).exists() for f in old_files)
+    new = DatabaseShields(db.snapshot(), small_set_rows=0)  # opening checks the new files against the manifest
     assert new.snapshot.index.a.shape[1] == 128 and new.snapshot.index.rows == 1201
+    assert new.snapshot.index.cascade().widths == (32,)
     both = np.concatenate([data, data[:1] + np.float16(0.5)])
     assert np.array_equal(new.within_rows(q, radius), brute_within(both, q, radius)[0])
