@@ -100,8 +100,8 @@ def main():
     for name, (config, tokens, dim, size, batch, steps, repeats) in cases.items():
         if only and only not in name:
             continue
-        t0 = time.time()
         model = host.random_model(unet_config=config)  # built only for the cases that run (SD1.5: 3.4 GB)
+        t0 = time.time()
         results[name] = measure(nodes, dng_nodes, custom, model, tokens, dim, size, batch, steps, repeats)
         print(f"{name}: batch {batch}, {steps} steps x {repeats} repeats ({time.time() - t0:.0f} s)", flush=True)
     print("| model | plain CFG s/step | DNG patch s/step | ratio | DNG guider s/step | ratio |")
