@@ -1,6 +1,6 @@
 """Gaussian mixtures with closed-form diffused densities, denoisers and posteriors, and small VE samplers.
 
-Used by the DNG unit tests and by the statistical benchmark (``python benchmarks/dng_mixture.py``).
+Used by the DNG unit tests and by the statistical benchmark (``python -m benchmarks.dng_mixture``).
 A mixture ``sum_k w_k N(m_k, s_k^2 I)`` diffused to noise level ``sigma`` (VE: ``x = x0 + sigma n``) is
 ``sum_k w_k N(m_k, (s_k^2 + sigma^2) I)``; its denoiser ``E[x0 | x]`` and the posterior of each component
 are closed-form, so the DNG identities can be checked to float precision.
@@ -13,19 +13,16 @@ the *tracked* posterior, sweeping the scale of each: forbidden-mode rate vs W1 d
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmark script run as a file: make the project importable
-    sys.path.insert(0, str(ROOT))
+from guidance.dng import DngParams, PosteriorTracker, negative_guidance
+from guidance.sampling import karras_sigmas, sample_euler_ancestral
 
-from guidance.dng import DngParams, PosteriorTracker, negative_guidance  # noqa: E402
-from guidance.sampling import karras_sigmas, sample_euler_ancestral  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 

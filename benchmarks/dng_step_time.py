@@ -1,7 +1,7 @@
 """DNG step time / plain CFG step time in the real ComfyUI (KSampler, euler, CPU).
 
-Run with ComfyUI's Python: ``COMFYUI_PATH=/path/to/ComfyUI python benchmarks/dng_step_time.py``.
-Two randomly initialised models in a real ModelPatcher: the tests' tiny SD1.5-config UNet (32 channels,
+Run with ComfyUI's Python: ``COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.dng_step_time``.
+Two randomly initialised models in a real ModelPatcher: a tiny SD1.5-config UNet (32 channels,
 latent 4x4x4) and an SD1.5-shaped UNet (320 channels, channel_mult 1-2-4-4, context 768, 77 tokens;
 ~860M parameters) at a 32x32 latent (256 px) to keep it feasible on 2 shared CPU cores.
 The variants (plain CFG, DNG patch, DNG guider) are interleaved in one process, repeated, and the median
@@ -17,41 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from . import comfy_host as host
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the integration harness boots ComfyUI
-import shield_harness as h  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
-
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
-    "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
-}
-
-
-def sd15_model(seed=0):
-    import torch
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    torch.manual_seed(seed)
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    model.diffusion_model.to(torch.float32)
-    h._randomise(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=torch.device("cpu"))
-
-
-def cond(seed, tokens, dim):
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, dim, generator=g), {}]]
 
 
 def dng_kwargs():
@@ -67,7 +36,7 @@ def timed(fn) -> float:
 
 def measure(nodes, dng_nodes, custom, model, tokens, dim, latent_size, batch, steps, repeats):
     import comfy.samplers
-    pos, neg, concept = cond(1, tokens, dim), cond(2, tokens, dim), cond(3, tokens, dim)
+    pos, neg, concept = (host.conditioning(seed, tokens, dim) for seed in (1, 2, 3))
     latent = {"samples": __import__("torch").zeros(batch, 4, latent_size, latent_size)}
     patched, _ = dng_nodes.DynamicNegativeGuidance().apply(model, concept=concept, **dng_kwargs())
     guider, _ = dng_nodes.DynamicNegativeGuiderNode().get_guider(model, pos, neg, 7.0, concept=concept, **dng_kwargs())
@@ -115,23 +84,23 @@ def bar_png(results, path):
 
 
 def main():
-    if h.comfy_path() is None:
+    if host.comfy_path() is None:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout and run with ComfyUI's Python")
     import torch
     torch.set_num_threads(2)
-    nodes = h.boot_comfy()
-    h.load_pack()
-    dng_nodes = h.pack_submodule("nodes.dng_nodes")
+    nodes = host.boot_comfy()
+    dng_nodes = host.pack_submodule("nodes.dng_nodes")
     import comfy_extras.nodes_custom_sampler as custom
-    cases = {
-        "tiny (32 ch, latent 4x4)": (h.tiny_model(), 8, h.CONTEXT_DIM, 32 // 8, 2, 10, 7),
-        "SD1.5-shaped (320 ch, latent 32x32)": (sd15_model(), 77, 768, 32, 1, 2, 3),
+    cases = {  # model config, tokens, context width, latent size, batch, steps, repeats
+        "tiny (32 ch, latent 4x4)": (host.tiny_unet_config(), 8, host.CONTEXT_DIM, 32 // 8, 2, 10, 7),
+        "SD1.5-shaped (320 ch, latent 32x32)": (host.sd15_unet_config(), 77, 768, 32, 1, 2, 3),
     }
     only = os.environ.get("DNG_BENCH_ONLY")
     results = {}
-    for name, (model, tokens, dim, size, batch, steps, repeats) in cases.items():
+    for name, (config, tokens, dim, size, batch, steps, repeats) in cases.items():
         if only and only not in name:
             continue
+        model = host.random_model(unet_config=config)  # built only for the cases that run (SD1.5: 3.4 GB)
         t0 = time.time()
         results[name] = measure(nodes, dng_nodes, custom, model, tokens, dim, size, batch, steps, repeats)
         print(f"{name}: batch {batch}, {steps} steps x {repeats} repeats ({time.time() - t0:.0f} s)", flush=True)

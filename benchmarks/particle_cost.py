@@ -1,6 +1,6 @@
 """Step-time cost of particle guidance / EDDY / EDDY drift (latent mode, batch 16) next to a real model call.
 
-    python benchmarks/particle_cost.py [--rounds 3]
+    python -m benchmarks.particle_cost [--rounds 3]
 
 (1) Real model: the terrain consistency UNet of ``adaptive-terrain-diffusion`` (``demo/terrain_model.py``,
 ONNX on CPU, 128x128x1, batch 16). One "step" = one denoiser call plus the step's guidance work: plain = a
@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
-
-from demo.terrain_model import TerrainDenoiser, unavailable_reason  # noqa: E402
-from guidance.eddy import blend, eddy_noise  # noqa: E402
-from guidance.coupling import couple_noise  # noqa: E402
-from guidance.eddy_drift import eddy_drift  # noqa: E402
-from guidance.embeddings import make_embedding  # noqa: E402
-from guidance.particle import particle_guidance  # noqa: E402
+from demo.terrain_model import TerrainDenoiser, unavailable_reason
+from guidance.coupling import couple_noise
+from guidance.eddy import blend, eddy_noise
+from guidance.eddy_drift import eddy_drift
+from guidance.embeddings import make_embedding
+from guidance.particle import particle_guidance
 
 LATENT = make_embedding("latent")
 POOLED = make_embedding("pooled", 8)

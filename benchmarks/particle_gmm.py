@@ -1,6 +1,6 @@
 """Particle guidance vs EDDY on a 2-D Gaussian mixture with closed-form scores, batch N = 2, 4, 8, two samplers.
 
-    /work/venv/bin/python benchmarks/particle_gmm.py [--particles 1600] [--steps 40]
+    python -m benchmarks.particle_gmm [--particles 1600] [--steps 40]
 
 Exact denoiser of a 4-component 2-D mixture (weights 0.4/0.3/0.2/0.1, std 0.35): ``D(x, s) = x + s^2 grad log
 p_s(x)``. For each batch size N the same ``--particles`` starting points (``particles / N`` batches) start from
@@ -50,14 +50,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmark script: run from a checkout
+from guidance.coupling import coupled_coordinates
+from guidance.eddy import blend, eddy_noise
+from guidance.eddy_drift import eddy_drift
+from guidance.particle import particle_guidance
+from guidance.sampling import karras_sigmas, sample_euler_ancestral, sample_heun
 
-from guidance.eddy import blend, eddy_noise  # noqa: E402
-from guidance.coupling import coupled_coordinates  # noqa: E402
-from guidance.eddy_drift import eddy_drift  # noqa: E402
-from guidance.particle import particle_guidance  # noqa: E402
-from guidance.sampling import karras_sigmas, sample_euler_ancestral, sample_heun  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.5], [0.0, 2.5], [0.5, -2.5]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)

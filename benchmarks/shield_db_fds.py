@@ -1,6 +1,6 @@
 """Build and open a shield database of a folder of >= 100k small images under a soft limit of 1024 open files.
 
-    python benchmarks/shield_db_fds.py [--images 100000] [--nofile 1024]
+    python -m benchmarks.shield_db_fds [--images 100000] [--nofile 1024]
 
 Issue 13, item 5: ~87k images used to exhaust 1024 descriptors (3 per shard per snapshot, merges only at the
 end). The folder (8x8 PNGs, made once under $SHIELD_DB_BENCH, default /tmp/shield_db_bench/fds) is encoded by a
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shield_db.database import ShieldDatabase  # noqa: E402
-from shield_db.folder import sync_folder  # noqa: E402
-from shield_db.source import DatabaseShields  # noqa: E402
+from shield_db.database import ShieldDatabase
+from shield_db.folder import sync_folder
+from shield_db.source import DatabaseShields
 
 ROOT = Path(os.environ.get("SHIELD_DB_BENCH", "/tmp/shield_db_bench")) / "fds"
 

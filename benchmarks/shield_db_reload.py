@@ -7,7 +7,7 @@ folder is unchanged: IS_CHANGED's fingerprint (stat of every file), the sync (ma
 opening the database (checksums, FAISS index) into a shield source. "warm" is a reload in the same process
 (ComfyUI re-running the node: shard checksums are remembered per file stat); "cold" is a fresh process.
 
-    python benchmarks/shield_db_reload.py [--images 10000]
+    python -m benchmarks.shield_db_reload [--images 10000]
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shield_db.database import ShieldDatabase  # noqa: E402
-from shield_db.folder import fingerprint, sync_folder  # noqa: E402
-from shield_db.source import DatabaseShields  # noqa: E402
+from shield_db.database import ShieldDatabase
+from shield_db.folder import fingerprint, sync_folder
+from shield_db.source import DatabaseShields
 
 ROOT = Path(os.environ.get("SHIELD_DB_BENCH", "/tmp/shield_db_bench")) / "reload"
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 512
 
@@ -80,8 +80,9 @@ def main():
     built = sync_folder(folder, pool_encoder, (4, SIZE // 8, SIZE // 8), SIZE, SIZE, "stretch", "pool", batch_size=32)
     build_s = time.perf_counter() - t0
     warm = [reload(folder) for _ in range(3)]
-    cold = [json.loads(subprocess.run([sys.executable, __file__, "--images", str(args.images), "--cold-child"],
-                                      capture_output=True, text=True, check=True).stdout) for _ in range(2)]
+    child = [sys.executable, "-m", "benchmarks.shield_db_reload", "--images", str(args.images), "--cold-child"]
+    cold = [json.loads(subprocess.run(child, cwd=REPO, capture_output=True, text=True, check=True).stdout)
+            for _ in range(2)]
     rows = ["| reload | fingerprint s | sync s | open s | total s |", "|---|---|---|---|---|"]
     for name, runs in (("warm (same process)", warm), ("cold (new process)", cold)):
         med = {k: float(np.median([r[k] for r in runs])) for k in ("fingerprint_s", "sync_s", "open_s", "total_s")}

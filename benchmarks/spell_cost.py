@@ -5,23 +5,21 @@ intra-batch; intra-batch + 64 history shields; intra-batch + 2,000 random shield
 16,384-d space (exact tensor search). Rounds interleave the variants so machine load hits all alike;
 the table reports the median over rounds.
 
-    python benchmarks/spell_cost.py           # ~5 min on 2 busy CPU cores
+    python -m benchmarks.spell_cost           # ~5 min on 2 busy CPU cores
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser
+from guidance.sampling import SpellWrapper, sample
 
-from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser  # noqa: E402
-from guidance.sampling import SpellWrapper, sample  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -1,6 +1,6 @@
 """Cost of SPELL: per-step correction time and sampling-run time ratio in the real ComfyUI.
 
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python benchmarks/spell_cost_comfyui.py [--steps 2] [--repeats 2]
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python -m benchmarks.spell_cost_comfyui [--steps 2] [--repeats 2]
 
 Part A times the correction alone (batch 8, 4x64x64 latents, K = 1k / 10k shields, intra-batch on), both
 for the common case (no prediction inside a shield) and with hits. Part B runs ComfyUI's real KSampler
@@ -10,18 +10,14 @@ batch of 8 64x64 latents (512 px), with and without SPELL, interleaved in one pr
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from guidance.shields import TensorShields
+from guidance.spell import sparse_repellency
 
-from guidance.shields import TensorShields  # noqa: E402
-from guidance.spell import sparse_repellency  # noqa: E402
+from . import comfy_host as host
 
 SHAPE = (4, 64, 64)
 BATCH = 8
@@ -62,12 +58,11 @@ def part_a():
 
 
 def part_b(steps: int, repeats: int):
-    import shield_harness as h
-    nodes = h.boot_comfy()
-    spell_nodes = h.pack_submodule("nodes.spell_nodes")
-    model = h.tiny_model(unet_config=h.sd15_unet_config())
+    nodes = host.boot_comfy()
+    spell_nodes = host.pack_submodule("nodes.spell_nodes")
+    model = host.random_model(unet_config=host.sd15_unet_config())
     latent = {"samples": torch.zeros(BATCH, *SHAPE)}
-    pos, neg = h.conditioning(1, 77, 768), h.conditioning(2, 77, 768)
+    pos, neg = host.conditioning(1, 77, 768), host.conditioning(2, 77, 768)
     variants = {"plain": model}
     for k in (1000, 10000):
         shield_set = spell_nodes.ShieldSet.from_latents(clustered_shields(k) / 0.18215, name=f"{k}")

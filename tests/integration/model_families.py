@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from shield_harness import CONTEXT_DIM, randomise, tiny_unet_config  # the shared tiny UNet (tests/tiny_unet.py)
+from shield_harness import CONTEXT_DIM, randomise, tiny_unet_config  # the shared tiny UNet (benchmarks/tiny_unet.py)
 
 POOLED_DIM = 32    # pooled-text width where a family uses one
 SDXL_ADM_TIME = 6 * 256  # SDXL's six size/crop timestep embeddings (model_base.SDXL.encode_adm)

@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny-model helpers
-from tiny_unet import randomise, tiny_unet_config  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository: the shared tiny-model helpers
+from benchmarks.tiny_unet import randomise, tiny_unet_config  # noqa: E402
 
 SEED = 0
 

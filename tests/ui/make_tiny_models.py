@@ -22,8 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny-model helpers
-from tiny_unet import randomise  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository: the shared tiny-model helpers
+from benchmarks.tiny_unet import randomise  # noqa: E402
 
 SEED = 0
 FLUX = "diffusion_models/shielded_tiny_flux.safetensors"

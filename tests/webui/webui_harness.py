@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-if str(PACK_ROOT / "tests") not in sys.path:  # the host-free tiny-model helpers shared by every host test
-    sys.path.insert(0, str(PACK_ROOT / "tests"))
-from tiny_unet import CONTEXT_DIM, randomise, tiny_unet_config  # noqa: E402,F401
+if str(PACK_ROOT) not in sys.path:  # the shared tiny-model helpers; load_script puts the folder first as the WebUI does
+    sys.path.append(str(PACK_ROOT))
+from benchmarks.tiny_unet import CONTEXT_DIM, randomise, tiny_unet_config  # noqa: E402
 
 
 def webui_path() -> Path | None:
@@ -98,8 +98,8 @@ def stand_in_sgm(data_dir: Path):
 def load_script():
     """The extension script as the WebUI loads it: the extension folder on sys.path, then ``load_module``."""
     from modules import script_loading
-    if str(PACK_ROOT) not in sys.path:
-        sys.path.insert(0, str(PACK_ROOT))   # what modules.scripts.load_scripts does for every extension
+    if sys.path[0] != str(PACK_ROOT):        # first, as modules.scripts.load_scripts puts every extension
+        sys.path[:] = [str(PACK_ROOT)] + [p for p in sys.path if p != str(PACK_ROOT)]
     return script_loading.load_module(str(PACK_ROOT / "scripts" / "shielded_sampling.py"))
 
 

@@ -1,7 +1,9 @@
-"""Tiny random models for the host tests, host-free: the SD1.5-style UNet config and the weight initialiser.
+"""Random models for the host tests and benchmarks, host-free: the SD1.5-style tiny UNet config and the weight
+initialiser.
 
-The hosts (ComfyUI, Forge, reForge) build their layers uninitialised; every test harness and stand-in model script
-fills them with :func:`randomise`. Imported by ``tests/integration``, ``tests/webui`` and ``tests/ui`` helpers.
+The hosts (ComfyUI, Forge, reForge) build their layers uninitialised; ``benchmarks/comfy_host.py``, the test
+harnesses (``tests/integration``, ``tests/webui``) and the stand-in model scripts (``tests/ui``) fill them with
+:func:`randomise`.
 """
 from __future__ import annotations
 
