@@ -1,9 +1,9 @@
 """shield_db: exact range/nearest search vs brute force, incremental add/remove, compaction, format checks."""
-import math
 
 import numpy as np
 import pytest
 import torch
+from shield_data import brute_within, clustered, make_db
 
 from shield_db.database import ShieldDatabase
 from shield_db.projection import features, fit_basis
@@ -12,32 +12,9 @@ from shield_db.source import DatabaseShields
 SHAPE = (4, 8, 8)
 
 
-def make_db(tmp_path, data, name="db", **txn):
-    db = ShieldDatabase(tmp_path / name)
-    with db.writer(item_shape=data.shape[1:]) as w:
-        for key, value in txn.items():
-            setattr(w, key, value)
-        w.add_batch([f"s{i}" for i in range(len(data))], [f"{i:064x}" for i in range(len(data))], data)
-    return db
-
-
-def brute_within(data, queries, radius):
-    z = torch.from_numpy(data.astype(np.float64)).reshape(len(data), -1)
-    q = queries.double().reshape(len(queries), -1)
-    d = ((q[:, None] - z[None]) ** 2).sum(-1).sqrt()
-    return np.nonzero((d <= radius).any(0).numpy())[0], d
-
-
-def clustered(n, seed=0, clusters=12):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, *SHAPE)) * 3
-    low = rng.standard_normal((n, 4, 2, 2)).repeat(4, 2).repeat(4, 3)  # smooth within-cluster variation
-    return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *SHAPE))).astype(np.float16)
-
-
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 def test_range_search_equals_brute_force(tmp_path, kind):
-    data = (np.random.default_rng(1).standard_normal((1500, *SHAPE)) if kind == "random" else clustered(1500)).astype(np.float16)
+    data = (np.random.default_rng(1).standard_normal((1500, *SHAPE)) if kind == "random" else clustered(1500, SHAPE)).astype(np.float16)
     src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
     assert src.use_index
     gen = torch.Generator().manual_seed(2)
@@ -57,7 +34,7 @@ def test_range_search_equals_brute_force(tmp_path, kind):
 
 
 def test_query_exactly_at_radius_is_inside(tmp_path):
-    data = clustered(600, seed=3)
+    data = clustered(600, SHAPE, seed=3)
     src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
     q = torch.from_numpy(data[[10, 20]].astype(np.float32))
     q[0, 1, 2, 3] += 2.0  # exactly 2.0 from shield 10 (fp16 + 2 is exact in float32)
@@ -73,7 +50,7 @@ def test_query_exactly_at_radius_is_inside(tmp_path):
 
 
 def test_small_set_path_matches_index_path(tmp_path):
-    data = clustered(300, seed=4)
+    data = clustered(300, SHAPE, seed=4)
     snap = make_db(tmp_path, data).snapshot()
     q = torch.from_numpy(data[:3].astype(np.float32)) + 0.5
     small, indexed = DatabaseShields(snap), DatabaseShields(snap, small_set_rows=0)
@@ -83,7 +60,7 @@ def test_small_set_path_matches_index_path(tmp_path):
 
 
 def test_nearest_is_exact(tmp_path):
-    data = clustered(900, seed=5)
+    data = clustered(900, SHAPE, seed=5)
     src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
     q = torch.from_numpy(data[[1, 500, 7]].astype(np.float32)) + 0.7 * torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
     _, d = brute_within(data, q, 0)
@@ -106,7 +83,7 @@ def test_projection_never_increases_distances():
 
 
 def test_incremental_add_and_remove(tmp_path):
-    data = clustered(700, seed=7)
+    data = clustered(700, SHAPE, seed=7)
     db = make_db(tmp_path, data[:400], commit_rows=64)
     with db.writer() as w:
         w.add_batch([f"s{i}" for i in range(400, 700)], [f"{i:064x}" for i in range(400, 700)], data[400:])
@@ -129,7 +106,7 @@ def test_incremental_add_and_remove(tmp_path):
 
 
 def test_compaction_drops_dead_rows_and_keeps_search_exact(tmp_path):
-    data = clustered(3000, seed=8)
+    data = clustered(3000, SHAPE, seed=8)
     db = make_db(tmp_path, data)
     with db.writer() as w:
         for i in range(0, 3000):
@@ -146,7 +123,7 @@ def test_compaction_drops_dead_rows_and_keeps_search_exact(tmp_path):
 
 
 def test_many_small_commits_are_merged(tmp_path):
-    data = clustered(1000, seed=9)
+    data = clustered(1000, SHAPE, seed=9)
     db = make_db(tmp_path, data, commit_rows=50)
     snap = db.snapshot()
     assert len(snap.shards) == 1 and snap.rows == 1000
@@ -154,7 +131,7 @@ def test_many_small_commits_are_merged(tmp_path):
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    db = make_db(tmp_path, clustered(10))
+    db = make_db(tmp_path, clustered(10, SHAPE))
     with pytest.raises(ValueError, match="shape"):
         with db.writer() as w:
             w.add("x", "y" * 64, np.zeros((4, 4, 4)))
@@ -185,7 +162,7 @@ def test_thumbnails_are_stored_and_returned(tmp_path):
 
 def test_far_from_origin_queries_stay_exact(tmp_path):
     """The float32 screen works around the queries' mean: large common offsets must not cost exactness."""
-    data = (clustered(800, seed=5).astype(np.float32) + 500.0).astype(np.float16)
+    data = (clustered(800, SHAPE, seed=5).astype(np.float32) + 500.0).astype(np.float16)
     src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
     q = torch.from_numpy(data[[3, 70, 400]].astype(np.float32))
     q[0, 2, 1, 1] += 4.0  # exactly 4.0 away from shield 3 (fp16 500-range values + 4 are exact in float32)
@@ -197,7 +174,7 @@ def test_far_from_origin_queries_stay_exact(tmp_path):
 
 @pytest.mark.parametrize("rows", [[], [7], [0, 1, 2, 3], [5, 5, 9], list(range(0, 1200, 3)), list(range(1199, -1, -7))])
 def test_scattered_reads_equal_the_stored_rows(tmp_path, rows):
-    data = clustered(1200, seed=6)
+    data = clustered(1200, SHAPE, seed=6)
     db = make_db(tmp_path, data, shard_rows=500)
     snap = db.snapshot()
     assert len(snap.shards) >= 2
@@ -207,7 +184,7 @@ def test_scattered_reads_equal_the_stored_rows(tmp_path, rows):
 
 def test_shard_truncated_after_opening_is_named(tmp_path):
     from shield_db.errors import CorruptDatabaseError
-    data = clustered(300, seed=7)
+    data = clustered(300, SHAPE, seed=7)
     snap = make_db(tmp_path, data).snapshot()
     shard = snap.shards[0].path
     reader = snap.shards[0].latent_reader

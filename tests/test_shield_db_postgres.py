@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from pg_servers import Servers, require_postgres
+from shield_data import brute_within, clustered
 
 require_postgres()
 
@@ -27,20 +27,6 @@ def servers():
 @pytest.fixture(scope="module")
 def server(servers):
     return servers.new()
-
-
-def brute_within(data, queries, radius):
-    z = torch.from_numpy(data.astype(np.float64)).reshape(len(data), -1)
-    q = queries.double().reshape(len(queries), -1)
-    d = ((q[:, None] - z[None]) ** 2).sum(-1).sqrt()
-    return np.nonzero((d <= radius).any(0).numpy())[0], d
-
-
-def clustered(n, seed=0, clusters=12):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, *SHAPE)) * 3
-    low = rng.standard_normal((n, 4, 2, 2)).repeat(4, 2).repeat(4, 3)
-    return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *SHAPE))).astype(np.float16)
 
 
 def make_store(dsn, data, shards=(None,), commit_rows=256):
@@ -64,7 +50,7 @@ def check_radii(src, data, queries):
 
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 def test_range_search_equals_brute_force(server, kind):
-    data = (np.random.default_rng(1).standard_normal((1500, *SHAPE)) if kind == "random" else clustered(1500))
+    data = (np.random.default_rng(1).standard_normal((1500, *SHAPE)) if kind == "random" else clustered(1500, SHAPE))
     data = data.astype(np.float16)
     src = make_store(server.dsn(), data).source()
     assert len(src) == 1500 and len(src.cell_ids) > 1
@@ -80,7 +66,7 @@ def test_range_search_equals_brute_force(server, kind):
 
 
 def test_points_exactly_at_radius_and_duplicates(server):
-    data = clustered(600, seed=3)
+    data = clustered(600, SHAPE, seed=3)
     data[100:110] = data[10]  # duplicates: ten rows with the same latent (different content hashes)
     src = make_store(server.dsn(), data).source()
     q = torch.from_numpy(data[[10, 20]].astype(np.float32))
@@ -97,7 +83,7 @@ def test_points_exactly_at_radius_and_duplicates(server):
 
 
 def test_nearest_is_exact(server):
-    data = clustered(900, seed=5)
+    data = clustered(900, SHAPE, seed=5)
     src = make_store(server.dsn(), data).source()
     q = torch.from_numpy(data[[1, 500, 7]].astype(np.float32)) + 0.7 * torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
     _, d = brute_within(data, q, 0)
@@ -110,7 +96,7 @@ def test_nearest_is_exact(server):
 
 def test_incremental_commits_refit_and_removal(server):
     """Many small commits (basis fitted on the first, refitted as the set grows), removals and relinks by hash."""
-    data = clustered(800, seed=7)
+    data = clustered(800, SHAPE, seed=7)
     store = make_store(server.dsn(), data[:50], commit_rows=16)
     with store.writer() as w:
         w.commit_rows = 64
@@ -136,7 +122,7 @@ def test_incremental_commits_refit_and_removal(server):
 
 def test_sharded_across_servers_is_exact_and_pushes_the_filter_down(servers, server):
     shards = [servers.new(), servers.new()]
-    data = clustered(1200, seed=11)
+    data = clustered(1200, SHAPE, seed=11)
     store = make_store(server.dsn(), data, shards=[None, shards[0].dsn(), shards[1].dsn()])
     src = store.source()
     import psycopg
@@ -166,7 +152,7 @@ def test_sharded_across_servers_is_exact_and_pushes_the_filter_down(servers, ser
 
 def test_shard_down_is_an_error_never_no_hits(servers, server):
     shard = servers.new()
-    data = clustered(600, seed=13)
+    data = clustered(600, SHAPE, seed=13)
     store = make_store(server.dsn(), data, shards=[None, shard.dsn()])
     src = store.source()
     q = torch.from_numpy(data[:8].astype(np.float32))
@@ -182,7 +168,7 @@ def test_shard_down_is_an_error_never_no_hits(servers, server):
 
 
 def test_a_run_sees_one_snapshot(server):
-    data = clustered(400, seed=17)
+    data = clustered(400, SHAPE, seed=17)
     store = make_store(server.dsn(), data[:200])
     src = store.source()
     q = torch.from_numpy(data[250:252].astype(np.float32))
@@ -198,7 +184,7 @@ def test_a_run_sees_one_snapshot(server):
 
 
 def test_bad_inputs_are_refused(server):
-    src = make_store(server.dsn(), clustered(50, seed=19)).source()
+    src = make_store(server.dsn(), clustered(50, SHAPE, seed=19)).source()
     with pytest.raises(ValueError, match="radius"):
         src.within_rows(torch.zeros(1, *SHAPE), -1.0)
     with pytest.raises(ValueError, match="do not match"):
@@ -221,7 +207,7 @@ def test_pgvector_features_on_pgserver_are_exact():
         s.make = lambda folder, port: __import__("shield_db.postgres.server", fromlist=["x"]).EmbeddedServer(
             folder, port=port, bin_dir=bin_dir)
         server = s.new()
-        data = clustered(900, seed=23)
+        data = clustered(900, SHAPE, seed=23)
         data[300:305] = data[30]
         store = make_store(server.dsn(), data)
         src = store.source()

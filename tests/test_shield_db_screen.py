@@ -3,29 +3,14 @@ duplicates), the coarse map never lengthens a distance, and databases indexed wi
 import numpy as np
 import pytest
 import torch
+from shield_data import brute_within, clustered, make_db
 
 from shield_db import manifest
-from shield_db.database import ShieldDatabase
 from shield_db.cascade import fold_queries, fold_rows, folded_pass, squared_norms
 from shield_db.feature_index import COARSE_DIM, coarse_features
 from shield_db.source import DatabaseShields
 
 SHAPE = (4, 8, 16)  # 512 dims: 256 directions are a real projection
-
-
-def make_db(tmp_path, data, index_dim, name="db"):
-    db = ShieldDatabase(tmp_path / name)
-    with db.writer(item_shape=data.shape[1:]) as txn:
-        txn.index_dim = index_dim
-        txn.add_batch([f"s{i}" for i in range(len(data))], [f"{i:064x}" for i in range(len(data))], data)
-    return db
-
-
-def brute_within(data, queries, radius):
-    z = torch.from_numpy(data.astype(np.float64)).reshape(len(data), -1)
-    q = queries.double().reshape(len(queries), -1)
-    d = ((q[:, None] - z[None]) ** 2).sum(-1).sqrt()
-    return np.nonzero((d <= radius).any(0).numpy())[0], d
 
 
 def real_like(n, seed=0):
@@ -35,13 +20,6 @@ def real_like(n, seed=0):
     scale = 1.0 / np.sqrt(1.0 + np.arange(dim))
     basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
     return ((rng.standard_normal((n, dim)) * scale) @ basis.T * 4).reshape(n, *SHAPE).astype(np.float16)
-
-
-def clustered(n, seed=0, clusters=12):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, *SHAPE)) * 3
-    low = rng.standard_normal((n, 4, 2, 4)).repeat(4, 2).repeat(4, 3)
-    return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *SHAPE))).astype(np.float16)
 
 
 def test_coarse_features_never_lengthen_a_distance():
@@ -74,8 +52,8 @@ def test_screen_keeps_every_row_within_the_radius_in_float64():
 @pytest.mark.parametrize("kind", ["random", "clustered", "real_like"])
 def test_range_search_equals_brute_force(tmp_path, kind, index_dim):
     data = {"random": lambda: np.random.default_rng(1).standard_normal((2000, *SHAPE)).astype(np.float16),
-            "clustered": lambda: clustered(2000), "real_like": lambda: real_like(2000)}[kind]()
-    src = DatabaseShields(make_db(tmp_path, data, index_dim).snapshot(), small_set_rows=0)
+            "clustered": lambda: clustered(2000, SHAPE), "real_like": lambda: real_like(2000)}[kind]()
+    src = DatabaseShields(make_db(tmp_path, data, index_dim=index_dim).snapshot(), small_set_rows=0)
     index = src.snapshot.index
     assert index.a.shape[1] == index_dim and index.cascade().widths == {8: (), 128: (32,), 256: (32, 128)}[index_dim]
     gen = torch.Generator().manual_seed(2)
@@ -96,7 +74,7 @@ def test_range_search_equals_brute_force(tmp_path, kind, index_dim):
 def test_points_exactly_at_the_radius_and_duplicates(tmp_path, index_dim):
     base = real_like(1500, seed=5)
     data = np.concatenate([base, np.repeat(base[[7]], 6, 0), np.repeat(base[[9]], 3, 0)])  # rows 1500-1508 duplicate
-    src = DatabaseShields(make_db(tmp_path, data, index_dim).snapshot(), small_set_rows=0)
+    src = DatabaseShields(make_db(tmp_path, data, index_dim=index_dim).snapshot(), small_set_rows=0)
     assert src.snapshot.index.cascade().widths
     q = torch.from_numpy(data[[7, 9]].astype(np.float32))
     q[0, 1, 2, 3] += 2.0  # exactly 2.0 from shield 7 and its 6 copies (fp16 + 2 is exact in float32)
@@ -114,7 +92,7 @@ def test_points_exactly_at_the_radius_and_duplicates(tmp_path, index_dim):
 def test_database_indexed_with_another_basis_size_is_searched_then_refitted(tmp_path, old_dim):
     """Old databases open as they are (exact with their own basis); the next write refits the default."""
     data = real_like(1200, seed=6)
-    db = make_db(tmp_path, data, old_dim)  # as an older release (another default) left it
+    db = make_db(tmp_path, data, index_dim=old_dim)  # as an older release (another default) left it
     q = torch.from_numpy(data[:4].astype(np.float32)) + 0.05
     radius = float(brute_within(data, q, 0)[1].sort(1).values[:, 4].max())
     old = DatabaseShields(db.snapshot(), small_set_rows=0)
