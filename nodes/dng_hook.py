@@ -10,8 +10,8 @@ Host hooks (all public ComfyUI extension points, no override of CFGGuider.sample
 * ``WrappersMP.OUTER_SAMPLE`` wrapper, once per sampling run: adds the concept under a private key to the
   guider's ``conds`` *before* the host processes them (so areas, masks, timestep ranges, hooks and
   model-specific encodings are handled by ComfyUI exactly as for positive/negative), and creates the per-run
-  state (fresh posterior at the prior, start/end sigmas) inside the run's own ``model_options`` clone, so it
-  dies with the run and never leaks into the next queue run.
+  state (fresh posterior at the prior, start/end sigmas) in the run's own ``model_options`` (``run_state.py``),
+  dropped when the run ends or raises, so it never leaks into the next queue run.
 * ``WrappersMP.CALC_COND_BATCH`` wrapper (patch route): when the host evaluates the guider's own
   ``[positive, negative]`` pair (recognised by identity of the positive cond list) it appends the concept, so
   the three predictions come out of the *same* batched model call, and strips the third output, keeping it
@@ -40,6 +40,7 @@ import comfy.samplers
 from ..guidance.dng import DngParams, DngTrace, PosteriorTracker, add_negative_guidance
 from ..guidance.window import SigmaWindow
 from .hooks import WRAPPERS, check_percents, sigma_window, signal_scale
+from .run_state import find_run_state, keep_run_state, state_key
 
 LOG = logging.getLogger("shielded_sampling")
 
@@ -86,7 +87,7 @@ class DngSession:
         check_percents(node, start_percent, end_percent)
         self.node, self.concept, self.params = node, concept, params
         self.start_percent, self.end_percent = float(start_percent), float(end_percent)
-        self.key = f"shielded_dng_{id(self)}"
+        self.key = state_key("dng", self)
         self.trace = DngTrace.for_params(params)
 
     def __deepcopy__(self, memo):
@@ -117,17 +118,17 @@ class DngSession:
         run = DngRun(guider=guider, tracker=PosteriorTracker(self.params, noise.shape[0]),
                      window=sigma_window(model_sampling, self.start_percent, self.end_percent),
                      model_sampling=model_sampling)
-        guider.model_options.setdefault("transformer_options", {})[self.key] = run
         self.trace.start_run()
         try:
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+            with keep_run_state(guider.model_options, self.key, run):
+                return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             if injected:
                 getattr(guider, "conds", {}).pop(self.key, None)
             LOG.info("%s: %s", self.node, self.trace.summary())
 
     def run_state(self, model_options: dict) -> DngRun | None:
-        return model_options.get("transformer_options", {}).get(self.key)
+        return find_run_state(model_options, self.key)
 
     # -- per model evaluation --------------------------------------------------------------------------
     def calc_cond_batch_wrapper(self, executor, model, conds, x_in, timestep, model_options):

@@ -1,6 +1,6 @@
 """One convention for the pack's ComfyUI hooks: the wrapper keys (ComfyUI's own enum), the active sigma window
 (``guidance/window.py``, shared with the WebUI) and the model's signal scale. SPELL, DNG and particle guidance all
-use these."""
+use these, and keep their per-run state the same way (``run_state.py``)."""
 from __future__ import annotations
 
 import torch

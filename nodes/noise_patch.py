@@ -19,29 +19,30 @@ from ..guidance.embeddings import make_embedding
 from .eddy_noise import START_SEED_OFFSET, EddyNoiseRun, accepts_noise_sampler, seeded_normal
 from .hooks import WRAPPERS, sigma_window
 from .particle_settings import EDDY, NODE, SPACES, ParticleSettings
+from .run_state import find_run_state, keep_run_state, state_key
 
 LOG = logging.getLogger("shielded_sampling")
 
 
 class NoisePatch:
-    """The sampler wrapper (and, for EDDY, the prediction recorder); holds the settings and, only while a sampler
-    run is inside the wrapper, that run's ``EddyNoiseRun``."""
+    """The sampler wrapper (and, for EDDY, the prediction recorder); holds the settings. A run's ``EddyNoiseRun``
+    lives in that run's model_options (``run_state.py``) and, as its noise sampler, in the sampler's options."""
 
     def __init__(self, settings: ParticleSettings, model_sampling):
         self.settings = settings
         self.embedding = make_embedding(SPACES[settings.space], settings.pool_size)
         self.window = sigma_window(model_sampling, settings.start_percent, settings.end_percent)
-        self.key = f"shielded_particle_noise_{id(self)}"
-        self.run = None
+        self.key = state_key("particle_noise", self)
 
     def __deepcopy__(self, memo):
-        """Shared by every clone (ComfyUI 0.3.x deep-copies model_options); its run lives inside the wrapper."""
+        """Shared by every clone (ComfyUI 0.3.x deep-copies model_options); it holds no run state."""
         return self
 
     def __call__(self, args):
         """Post-CFG (EDDY only): record the prediction whose kernel correlates the next fresh draw."""
-        if self.run is not None:
-            self.run.record(args["denoised"])
+        run = find_run_state(args["model_options"], self.key)
+        if run is not None:
+            run.record(args["denoised"])
         return args["denoised"]
 
     def sampler_wrapper(self, executor, *args, **kwargs):
@@ -61,11 +62,10 @@ class NoisePatch:
             return executor(*args, **kwargs)
         options = sampler.extra_options
         sampler.extra_options = {**options, "noise_sampler": run}
-        self.run = run
         try:
-            return executor(*args, **kwargs)
+            with keep_run_state(extra_args["model_options"], self.key, run):
+                return executor(*args, **kwargs)
         finally:
-            self.run = None
             sampler.extra_options = options
             LOG.info("%s: EDDY correlated %d of the sampler's %d noise draws (the others were outside the "
                      "window)", NODE, run.correlated, run.draws)

@@ -21,6 +21,7 @@ from ..guidance.embeddings import make_embedding
 from ..guidance.particle import particle_guidance
 from .hooks import WRAPPERS, sigma_window, signal_scale
 from .particle_settings import EDDY_PROBES, NODE, PG, SPACES, ParticleSettings
+from .run_state import state_key
 
 LOG = logging.getLogger("shielded_sampling")
 
@@ -34,7 +35,7 @@ class PredictionPatch:
         self.embedding = make_embedding(SPACES[settings.space], settings.pool_size)
         self.window = sigma_window(model_sampling, settings.start_percent, settings.end_percent)
         self.logged_single = False
-        self.key = f"shielded_particle_{id(self)}"
+        self.key = state_key("particle", self)
 
     def __deepcopy__(self, memo):
         """Shared by every clone (ComfyUI 0.3.x deep-copies model_options): one patch and one log flag."""

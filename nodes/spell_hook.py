@@ -29,6 +29,7 @@ from ..guidance.shields import ConcatShields, ExcludedShields, ShieldSource, mod
 from ..guidance.spell_record import OutputRecord, SpellReport, step_record
 from ..guidance.window import SigmaWindow
 from .hooks import WRAPPERS, check_percents, sigma_window
+from .run_state import find_run_state, keep_run_state, state_key
 
 LOG = logging.getLogger("shielded_sampling")
 INIT_LEAVE = "leave it"            # init_image_shield choices
@@ -168,7 +169,7 @@ class SpellPatch:
     def __init__(self, settings: SpellSettings):
         settings.validate()
         self.settings = settings
-        self.key = f"shielded_spell_{id(self)}"
+        self.key = state_key("spell", self)
         self.last_report: SpellReport | None = None
         self._resized: dict = {}   # shield set resized per latent shape (hires passes), kept across runs
 
@@ -251,10 +252,10 @@ class SpellPatch:
         names = ("callback", "noise", "latent_image", "denoise_mask")
         given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         run = self.start_run(guider, sigmas, given["noise"], given.get("latent_image"), given.get("denoise_mask"))
-        extra_args["model_options"].setdefault("transformer_options", {})[self.key] = run
-        samples = executor(guider, sigmas, extra_args, *args, **kwargs)
-        if len(run.sigmas) and run.sigmas[-1] == 0.0:
-            samples = self.finish_run(run, guider, samples)
+        with keep_run_state(extra_args["model_options"], self.key, run):
+            samples = executor(guider, sigmas, extra_args, *args, **kwargs)
+            if len(run.sigmas) and run.sigmas[-1] == 0.0:
+                samples = self.finish_run(run, guider, samples)
         return samples
 
     def finish_run(self, run: RunState, guider, samples: torch.Tensor) -> torch.Tensor:
@@ -288,7 +289,7 @@ class SpellPatch:
 
     # -- per model evaluation --------------------------------------------------------------------------
     def run_state(self, model_options: dict) -> RunState:
-        run = model_options.get("transformer_options", {}).get(self.key)
+        run = find_run_state(model_options, self.key)
         if run is None:
             raise RuntimeError(f"{self.settings.node}: the sampler ran without ComfyUI's sampler wrapper; "
                                f"use KSampler, KSamplerAdvanced or SamplerCustom(Advanced)")

@@ -221,15 +221,18 @@ def test_eddy_noise_sampler_is_given_for_one_run_only(comfy_nodes, particle_node
     model = patched(particle_nodes, tiny_model, mode="EDDY", strength=1.0, space="pooled NxN")
     seen = []
 
+    key = model.model_options["sampler_post_cfg_function"][-1].key
+
     def inner(executor, *args, **kwargs):
-        seen.append((executor.class_obj, dict(executor.class_obj.extra_options)))
+        run_options = args[2]["model_options"]["transformer_options"]
+        seen.append((executor.class_obj, dict(executor.class_obj.extra_options), run_options, run_options.get(key)))
         return executor(*args, **kwargs)
     model.add_wrapper_with_key("sampler_sample", "test_inner", inner)
     h.ksample(comfy_nodes, model, h.empty_latent(3), seed=4, steps=STEPS, sampler="euler_ancestral")
-    [(sampler, options)] = seen
-    assert isinstance(options["noise_sampler"], eddy_noise_module.EddyNoiseRun)
+    [(sampler, options, run_options, run)] = seen
+    assert isinstance(options["noise_sampler"], eddy_noise_module.EddyNoiseRun) and options["noise_sampler"] is run
     assert "noise_sampler" not in sampler.extra_options
-    assert model.model_options["sampler_post_cfg_function"][-1].run is None
+    assert key not in run_options and key not in model.model_options.get("transformer_options", {})
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "uni_pc"])
