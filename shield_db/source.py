@@ -27,7 +27,24 @@ NEAREST_PROBE = 16
 # Exact distances are computed in float64 from fp16 shields and float32 queries; relative error < D * 2^-52.
 
 
-class DatabaseShields:
+class IndexedSource:
+    """What every indexed shield source (file database, PostgreSQL) does for ``guidance.shields.ShieldSource``
+    beyond searching: it stays where it is stored and is only seen through scalar affine maps."""
+
+    def mapped(self, fn):
+        raise ValueError(NOT_MAPPABLE)
+
+    def on_device(self, device):
+        """Itself: searched where it is stored (a file database builds its device screen on the first query from
+        an accelerator; PostgreSQL screens on the server); candidates are verified on the CPU."""
+        return self
+
+    def resampled(self, item_shape: tuple):
+        """An in-memory copy resized to ``item_shape``'s height/width (small sets only)."""
+        return resampled_source(self, item_shape)
+
+
+class DatabaseShields(IndexedSource):
     """Every live shield of a :class:`Snapshot`, in stored (VAE latent) space.
 
     Indices (``nearest``, :meth:`latents`, :meth:`sources`, :meth:`thumbnails`) count live shields in row
@@ -181,17 +198,6 @@ class DatabaseShields:
 
     def latents(self, indices) -> torch.Tensor:
         return torch.from_numpy(self.snapshot.read_rows(self.rows[np.asarray(indices, np.int64)]).astype(np.float32))
-
-    def mapped(self, fn):
-        raise ValueError(NOT_MAPPABLE)
-
-    def on_device(self, device) -> DatabaseShields:
-        """Itself: the device screen is built on the first query from an accelerator."""
-        return self
-
-    def resampled(self, item_shape: tuple):
-        """An in-memory copy resized to ``item_shape``'s height/width (small sets only)."""
-        return resampled_source(self, item_shape)
 
     def sources(self, indices) -> list[str]:
         return [self.snapshot.live_sources[int(i)] for i in np.asarray(indices).reshape(-1)]

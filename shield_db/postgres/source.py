@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..projection import features
-from ..source import MAX_HITS, NOT_MAPPABLE, resampled_source
+from ..source import MAX_HITS, IndexedSource
 from .cells import reach, sql_limit, touched_cells
 from .errors import ShieldQueryError, require_psycopg
 from .store import read_basis, read_meta
@@ -32,7 +32,7 @@ NEAREST_PROBE = 16
 SNAPSHOT_ATTEMPTS = 5
 
 
-class PostgresShields:
+class PostgresShields(IndexedSource):
     """Every live shield of a :class:`~shield_db.postgres.store.PostgresShieldStore` in one snapshot."""
 
     def __init__(self, store, statement_timeout_ms: int = 0):
@@ -200,17 +200,6 @@ class PostgresShields:
         z = np.stack([np.frombuffer(got[int(r)], dtype=np.float16) for r in rows]) if len(rows) else \
             np.zeros((0, math.prod(self.item_shape)), np.float16)
         return torch.from_numpy(z.astype(np.float32).reshape(len(rows), *self.item_shape))
-
-    def mapped(self, fn):
-        raise ValueError(NOT_MAPPABLE)
-
-    def on_device(self, device) -> PostgresShields:
-        """Itself: candidates are screened on the server, latents verified on the CPU."""
-        return self
-
-    def resampled(self, item_shape: tuple):
-        """An in-memory copy resized to ``item_shape``'s height/width (small sets only)."""
-        return resampled_source(self, item_shape)
 
     def sources(self, indices) -> list[str]:
         return [self._sources[int(i)] for i in np.asarray(indices).reshape(-1)]
