@@ -308,8 +308,12 @@ class SpellPatch:
 
     def correct(self, run: RunState, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float,
                 final: bool = False) -> torch.Tensor:
-        """SPELL on ``x0_hat``; with an inpainting mask on what the sampler keeps of it (see module doc)."""
+        """SPELL on ``x0_hat``; with an inpainting mask on what the sampler keeps of it (see module doc).
+
+        The ``final`` (t = 0) step always repeats the correction until the outputs are outside every shield
+        (``exact`` rounds): one eq. 5 step can leave a result inside overlapping balls (history, batch peers)."""
         s = run.settings
+        exact = s.exact or final
         intra = s.intra_batch and x0_hat.shape[0] > 1
         if s.intra_batch and x0_hat.shape[0] == 1 and not run.warned_single:
             LOG.info("%s: intra-batch repellency needs a batch of 2 or more; batch size 1 repels only from "
@@ -321,7 +325,7 @@ class SpellPatch:
         mask = None if run.mask is None else (run.last_mask if run.last_mask is not None else run.mask)
         if mask is None:
             result = spell.sparse_repellency(x0_hat, run.radius, shields=run.source, intra_batch=intra,
-                                             overcompensation=s.overcompensation, exact=s.exact)
+                                             overcompensation=s.overcompensation, exact=exact)
             self.record_step(run, sigma, x0_hat, x_t, result)
             return result.denoised
         mask = mask.to(x0_hat.device, x0_hat.dtype)
@@ -329,7 +333,7 @@ class SpellPatch:
         # At t = 0 the samples are already what the sampler kept; in the loop the host blends after us.
         blended = x0_hat if final else spell.inpaint_blend(x0_hat, mask, run.kept.to(x0_hat.dtype))
         result = spell.sparse_repellency(blended, run.radius, shields=run.source, intra_batch=intra,
-                                         overcompensation=s.overcompensation, exact=s.exact, movable=movable)
+                                         overcompensation=s.overcompensation, exact=exact, movable=movable)
         self.record_step(run, sigma, blended, x_t, result)
         self.warn_unmovable(run, result, movable)
         if final:

@@ -47,8 +47,9 @@ def spell_inputs() -> dict:
                                   "tooltip": "End of the active window (1 = last step). Below 1 the outputs are "
                                              "no longer guaranteed to stay outside the shields."}),
         "exact": ("BOOLEAN", {"default": False,
-                              "tooltip": "Repeat the correction (bounded rounds) until the prediction is outside "
-                                         "every shield, even where shields overlap and eq. 5 cancels."}),
+                              "tooltip": "At every step, repeat the correction (bounded rounds) until the prediction "
+                                         "is outside every shield, even where shields overlap and eq. 5 cancels. "
+                                         "The final t = 0 step always does this."}),
         "init_image_shield": (list(INIT_CHOICES), {"default": INIT_LEAVE, "tooltip":
                               "img2img / inpaint from an image that is itself inside a shield (editing a protected "
                               "image): 'leave it' moves the output at least the radius away from that shield too; "

@@ -105,10 +105,13 @@ class SpellRun:
             return denoised
         return self.correct(denoised, args["input"], sigma)
 
-    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float, blended: bool = False) -> torch.Tensor:
+    def correct(self, x0_hat: torch.Tensor, x_t: torch.Tensor, sigma: float, blended: bool = False,
+                final: bool = False) -> torch.Tensor:
         """SPELL on ``x0_hat``; with an inpainting mask on what the host keeps of it: the Forge post-CFG function
-        comes before the host's blend, ``blended`` predictions (A1111's callback, the final samples) after it."""
+        comes before the host's blend, ``blended`` predictions (A1111's callback, the final samples) after it.
+        The ``final`` (t = 0) step always uses exact rounds (outside every shield, overlapping ones included)."""
         s = self.settings
+        exact = s.exact or final
         if tuple(x0_hat.shape[1:]) != self.item_shape:
             raise RuntimeError(f"{SCRIPT}: the sampler's latent is {tuple(x0_hat.shape[1:])} but this pass was "
                                f"prepared for {self.item_shape}; the generation is stopped rather than left "
@@ -119,14 +122,14 @@ class SpellRun:
             return x0_hat
         if self.mask is None:
             result = spell.sparse_repellency(x0_hat, self.radius, shields=self.source, intra_batch=intra,
-                                             overcompensation=s.overcompensation, exact=s.exact)
+                                             overcompensation=s.overcompensation, exact=exact)
             self.record_step(sigma, x0_hat, x_t, result)
             return result.denoised
         mask = self.mask.to(x0_hat.device, x0_hat.dtype).expand_as(x0_hat)
         movable = mask > spell.MOVABLE_MASK
         kept = x0_hat if blended else spell.inpaint_blend(x0_hat, mask, self.kept.to(x0_hat.device, x0_hat.dtype))
         result = spell.sparse_repellency(kept, self.radius, shields=self.source, intra_batch=intra,
-                                         overcompensation=s.overcompensation, exact=s.exact, movable=movable)
+                                         overcompensation=s.overcompensation, exact=exact, movable=movable)
         self.record_step(sigma, kept, x_t, result)
         self.stuck = int((result.inside.cpu() & ~movable.flatten(1).any(1).cpu()).sum())
         return result.denoised if blended else spell.unblended_prediction(x0_hat, result.delta, mask, movable)
@@ -145,7 +148,7 @@ class SpellRun:
             return samples
         self.finished = True
         if self.settings.end_percent >= 1.0:
-            samples = self.correct(samples, samples, 0.0, blended=True)
+            samples = self.correct(samples, samples, 0.0, blended=True, final=True)
             self.unmovable = self.stuck
         self.record_outputs(samples)
         if self.settings.history:

@@ -107,6 +107,24 @@ def test_history_makes_the_second_run_repel_from_the_first(spell_nodes, history,
     assert history.size("hist-test") == 0
 
 
+def test_final_step_keeps_every_output_outside_overlapping_history(spell_nodes, history, tiny_model):
+    """Six runs of the same seed with history and intra-batch (the example workflow's settings, exact off): the
+    balls around earlier outputs overlap, where one eq. 5 step can cancel; the t = 0 step must still end outside."""
+    history.clear("overlap")
+    latent = h.empty_latent(3, size=64)
+    earlier = []
+    for radius in (0.15, 0.15, 0.2, 0.3, 0.15, 0.15):
+        out, rep = spell_sample(spell_nodes, tiny_model, latent, "euler", seed=42, cfg=7.0, radius=radius,
+                                intra_batch=True, history=True, history_name="overlap", history_size=256)["result"]
+        out = out["samples"]
+        if earlier:
+            d = model_space_distances(tiny_model, out, torch.cat(earlier))
+            assert (d >= rep.radius * (1 - 1e-3)).all(), (radius, d.min().item(), rep.radius)
+        assert rep.outputs_inside() == 0, rep.summary()
+        earlier.append(out)
+    history.clear("overlap")
+
+
 def test_history_cap_keeps_the_newest(history):
     history.clear("cap")
     for i in range(5):
