@@ -10,11 +10,11 @@ random weights. Everything is stored in fp16 (about 0.4 GB); images are noise, w
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository: the shared tiny-model helpers
+from benchmarks import comfy_host  # noqa: E402
 from benchmarks.tiny_unet import randomise, tiny_unet_config  # noqa: E402
 
 SEED = 0
@@ -27,12 +27,7 @@ def unet_config() -> dict:
 
 
 def build(out: Path):
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path.insert(0, root)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy_host.boot_comfy()   # COMFYUI_PATH's ComfyUI first on the path, CPU mode
     import torch
     import comfy.ldm.models.autoencoder as autoencoder
     import comfy.model_patcher

@@ -18,11 +18,11 @@ type 'sd3', which pads its output to T5's 4096-wide context (pooled 2048), and t
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository: the shared tiny-model helpers
+from benchmarks import comfy_host  # noqa: E402
 from benchmarks.tiny_unet import randomise  # noqa: E402
 
 SEED = 0
@@ -128,12 +128,7 @@ def save(sd: dict, out: Path):
 
 
 def build(models: Path):
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path.insert(0, root)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy_host.boot_comfy()   # COMFYUI_PATH's ComfyUI first on the path, CPU mode
     import torch
     gen = torch.Generator().manual_seed(SEED)
     makers = {FLUX: flux_state_dict, WAN: lambda g: diffusion_state_dict("WAN21_T2V", wan_unet_config(), "head.head", g),
