@@ -180,3 +180,31 @@ def test_activity_chart_added_as_an_extra_image(script_module, sd_model):
     processed = types.SimpleNamespace(images=[], infotexts=[])
     g.script.postprocess(g.p, processed, *g.args)
     assert processed.images == []
+
+
+def test_final_step_keeps_every_output_outside_overlapping_history(script_module, sd_model):
+    """Six generations of the same seeds with history and intra-batch, exact rounds off (the settings of
+    test_spell_comfy's twin): the balls around earlier outputs overlap, where one eq. 5 step can cancel (before
+    7eb1ac6 the 5th run ended 3 outputs at ~0.8 r on both hosts); the t = 0 step must still end every output
+    outside them and apart from its batch peers, and the report must say 0 inside."""
+    from guidance import history
+    from shielded_webui.settings import raw_radius
+    history.clear("overlap")
+    earlier = []
+    for n, radius_rms in enumerate((0.15, 0.15, 0.2, 0.3, 0.15, 0.15)):
+        g = harness.Generation(script_module, sd_model, script_args(
+            enabled=True, radius_rms=radius_rms, intra_batch=True, history=True, history_name="overlap",
+            exact=False), batch=3, seed=42, cfg=7.0)
+        out = g.run()
+        run = g.p.shielded_sampling_state.runs[-1]
+        r = raw_radius(radius_rms, math.prod(out.shape[1:]))
+        assert run.history_count == sum(len(e) for e in earlier)
+        if earlier:   # model space: the sampler's latents, where SPELL measures
+            d = torch.cdist(out.flatten(1).double(), torch.cat(earlier).flatten(1).double())
+            assert d.min().item() >= r * (1 - RTOL), (n, radius_rms, d.min().item() / r)
+        # The batch's own seeds end far apart here; the history check above is the one that binds.
+        assert pairwise(out).min().item() >= r * (1 - RTOL), (n, radius_rms, pairwise(out).min().item() / r)
+        assert run.outputs_inside() == 0, run.summary()
+        assert " 0 inside," in g.p.extra_generation_params["SPELL result"], g.p.extra_generation_params
+        earlier.append(out)
+    assert history.clear("overlap") == 18
