@@ -17,7 +17,7 @@ the build separately. ``measure`` opens everything in one process and runs, inte
 
 - ``device``: ``guidance.feature_screen.FeatureScreen`` over the 129-number features (one matmul per batch, CPU
   torch here; on a GPU the same code), then the exact check of the candidates (``shield_db.exact.pair_mask``);
-- ``index``: ``DatabaseShields.within_rows`` as it searches CPU queries today (two-pass screen, same check);
+- ``index``: ``DatabaseShields.within_rows`` as it searches CPU queries today (cascade screen, same check);
 - ``faiss``: FAISS ``IndexFlatL2.range_search`` over the same features, same check;
 - ``postgres``: ``PostgresShields.within_rows`` on the prefix (its own queries, drawn from the prefix).
 
@@ -257,11 +257,10 @@ def measure(reps: int) -> None:
     out["rss_mb"]["after_open"] = rss()
     screen, out["device_screen_setup_s"], _ = timed(lambda: source.device_screen(torch.device("cpu")))
     out["rss_mb"]["after_device_screen"] = rss()
-    _, out["index_screen_setup_s"], _ = timed(lambda: snap.index.screen_arrays())
-    out["rss_mb"]["after_index_screen_arrays"] = rss()
-    full, _, coarse, _ = snap.index.screen_arrays()
-    out["features_mb"] = full.nbytes / 2 ** 20
-    out["coarse_features_mb"] = 0 if coarse is None else coarse.nbytes / 2 ** 20
+    cascade, out["index_screen_setup_s"], _ = timed(snap.index.cascade)
+    out["rss_mb"]["after_index_cascade"] = rss()
+    out["features_mb"] = cascade.full.nbytes / 2 ** 20
+    out["coarse_features_mb"] = (cascade.first.nbytes + cascade.full_sq.nbytes) / 2 ** 20
     out["fp16_latents_mb"] = snap.rows * million.DIM * 2 / 2 ** 20
     out["on_disk_mb"] = sum(p.stat().st_size for p in (million.ROOT / "db").rglob("*") if p.is_file()) / 2 ** 20
     pg_src = server = None
@@ -358,7 +357,7 @@ def side_by_side_table(out: dict) -> str:
     rows_mb = out["fp16_latents_mb"]
     lines = ["| path | shields | recall | wall s / batch of 8 (median) | CPU s (median) | screen s | candidates |",
              "|---|---|---|---|---|---|---|"]
-    names = {"device": "device path (`FeatureScreen`, CPU torch)", "index": "shield_db today (two-pass CPU screen)",
+    names = {"device": "device path (`FeatureScreen`, CPU torch)", "index": "shield_db today (cascade CPU screen)",
              "faiss": "FAISS `range_search` on the features", "index_cold": "shield_db today, cold page cache",
              "postgres": "PostgreSQL embedded (cube)"}
     for p, st in out["paths"].items():
@@ -370,7 +369,7 @@ def side_by_side_table(out: dict) -> str:
     f = out["flat"]
     lines.append(f"| FAISS `IndexFlatL2` on the full latents (search only) | {out['rows']:,} | {f['recall']:.3f} | "
                  f"{f['median_s']:.3f} | - | - | - |")
-    lines.append(f"\nfp16 latents {rows_mb:.0f} MB; features {out['features_mb']:.0f} MB + coarse "
+    lines.append(f"\nfp16 latents {rows_mb:.0f} MB; features {out['features_mb']:.0f} MB + cascade levels "
                  f"{out['coarse_features_mb']:.0f} MB; RSS {json.dumps({k: round(v) for k, v in out['rss_mb'].items()})}")
     return "\n".join(lines)
 
@@ -383,7 +382,7 @@ def split(reps: int) -> None:
     source = DatabaseShields(ShieldDatabase(million.ROOT / "db").snapshot(check_sha=False))
     screen = source.device_screen(torch.device("cpu"))
     index = source.snapshot.index
-    index.screen_arrays()
+    index.cascade()
     rng = np.random.default_rng(123)
     batches = [million.queries(source.snapshot, rng) for _ in range(reps)]
     out = {"query_features": [], "device_screen": [], "verify_warm": [], "index_screen": []}
