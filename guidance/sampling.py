@@ -262,7 +262,7 @@ class SpellWrapper:
         if source is None:
             dist, idx = [math.inf] * b, [-1] * b
         else:
-            d, i = source.nearest(final.detach().float())
+            d, i = source.nearest(final.detach().float(), report.nearest_reach())
             dist, idx = d.cpu().tolist(), i.cpu().tolist()
         moved = report.corrected_samples().tolist()
         return [OutputRecord(index=k, nearest_shield=idx[k] if idx[k] < report.shield_count else -1,

@@ -48,8 +48,10 @@ class ShieldSource(Protocol):
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         """Every shield within ``radius`` of some query (a superset): float32 ``[M, *item_shape]``, queries' device."""
 
-    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact nearest shield per query: ``(distance [B] float32, index [B] int64)``."""
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest shield per query: ``(distance [B] float32, index [B] int64)``, exact for every query whose
+        nearest shield lies within ``reach``. A query with none within ``reach`` may get ``(inf, -1)``: indexed
+        sources answer so rather than measure most of their set; in-memory ones return the exact nearest anyway."""
 
     def latents(self, indices) -> torch.Tensor:
         """Shields ``indices`` as float32 ``[N, *item_shape]`` on the CPU (report thumbnails, resizing)."""
@@ -184,8 +186,9 @@ class TensorShields:
         idx = self.within_indices(queries, radius)
         return self._flat[idx].to(queries.device).float().reshape(-1, *self.item_shape)
 
-    def nearest(self, queries: torch.Tensor):
-        """Exact nearest shield per query: ``(distance [B] float32, index [B] int64)`` on the queries' device.
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf):
+        """Exact nearest shield per query: ``(distance [B] float32, index [B] int64)`` on the queries' device
+        (in memory: exact at any distance, ``reach`` is not needed).
 
         Screened sets: the nearest rows in feature space give an upper bound ``U`` on the nearest distance;
         every shield that may lie within ``U`` (the range screen) is then measured by explicit differences.
@@ -264,8 +267,8 @@ class AffineShields:
         found = self.source.within(self._to_source(queries), radius / abs(self.scale))
         return (found.float() - self.shift) * self.scale
 
-    def nearest(self, queries: torch.Tensor):
-        dist, idx = self.source.nearest(self._to_source(queries))
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf):
+        dist, idx = self.source.nearest(self._to_source(queries), reach / abs(self.scale))
         return dist * abs(self.scale), idx
 
     def latents(self, indices) -> torch.Tensor:
@@ -300,11 +303,12 @@ class ConcatShields:
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         return torch.cat([s.within(queries, radius).float().to(queries.device) for s in self.sources])
 
-    def nearest(self, queries: torch.Tensor):
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf):
         offset, best, best_idx = 0, None, None
         for s in self.sources:
-            dist, idx = s.nearest(queries)
-            dist, idx = dist.to(queries.device), idx.to(queries.device) + offset
+            dist, idx = s.nearest(queries, reach)
+            dist, idx = dist.to(queries.device), idx.to(queries.device)
+            idx = torch.where(idx >= 0, idx + offset, idx)
             if best is None:
                 best, best_idx = dist, idx
             else:
@@ -423,18 +427,22 @@ class ExcludedShields:
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         return self._keep(self.source.within(queries, radius))
 
-    def nearest(self, queries: torch.Tensor):
-        dist, idx = self.source.nearest(queries)
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf):
+        dist, idx = self.source.nearest(queries, reach)
         dist, idx = dist.clone(), idx.clone()
         for b in range(queries.shape[0]):
-            reach = float(dist[b]) * (1 + 1e-6) + 1e-12
-            if self._keep(self.source.within(queries[b:b + 1], reach)).shape[0] > 0:
+            if not math.isfinite(float(dist[b])):
+                continue  # none within reach in the source: none in what is left of it
+            ball = float(dist[b]) * (1 + 1e-6) + 1e-12
+            if self._keep(self.source.within(queries[b:b + 1], ball)).shape[0] > 0:
                 continue
             dist[b], idx[b] = math.inf, -1
-            reach = max(reach, 1e-6 * (1.0 + float(flatten(queries[b:b + 1]).float().norm())))
+            ball = max(ball, 1e-6 * (1.0 + float(flatten(queries[b:b + 1]).float().norm())))
             for _ in range(self.NEAREST_GROWTH_ROUNDS):
-                reach *= 4
-                found = self._keep(self.source.within(queries[b:b + 1], reach))
+                if ball >= reach:
+                    break
+                ball = min(4 * ball, reach)
+                found = self._keep(self.source.within(queries[b:b + 1], ball))
                 if found.shape[0]:
                     d = (flatten(found).float() - flatten(queries[b:b + 1]).float().to(found.device)).norm(dim=1)
                     dist[b] = d.min().to(dist.device)

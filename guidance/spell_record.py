@@ -16,6 +16,9 @@ INSIDE_RTOL = 1e-4
 # A final (t = 0) correction larger than this fraction of the latent's norm means the sampler did not follow
 # the in-loop corrections: the protection then came from that last jump.
 FINAL_JUMP_NOTE = 0.01
+# Each output's nearest shield is searched within this many radii: indexed sets (a folder's database, PostgreSQL)
+# answer "none within reach" beyond it instead of measuring most of a set of millions; in-memory sets are exact.
+NEAREST_REACH_RADII = 2.0
 
 
 @dataclass
@@ -90,14 +93,28 @@ class SpellReport:
     def outputs_inside(self) -> int:
         return sum(1 for o in self.outputs if o.distance < self.inside_limit())
 
+    def nearest_reach(self) -> float:
+        """How far each output's nearest shield is searched (raw L2); ``inf`` distances mean none within it."""
+        return NEAREST_REACH_RADII * self.radius
+
+    def nearest_text(self) -> str:
+        """The nearest output-to-shield distance, or that none lies within the search's reach."""
+        nearest = min((o.distance for o in self.outputs), default=math.inf)
+        return f"nearest {nearest:.4g}" if math.isfinite(nearest) else self.no_nearest_text()
+
+    def no_nearest_text(self) -> str:
+        """What an infinite nearest distance means in this run."""
+        if self.shield_count or self.history_count:
+            return f"no shield within {NEAREST_REACH_RADII:g} r"
+        return "no shield or history"
+
     def summary(self) -> str:
         corrected_steps = sum(1 for s in self.steps if s.corrected)
         inside = self.outputs_inside()
         repelled = sum(1 for o in self.outputs if o.repelled)
-        nearest = min((o.distance for o in self.outputs), default=math.inf)
         text = (f"SPELL: r={self.radius_rms:.4g} rms ({self.radius:.4g} L2), {len(self.steps)} evals, "
                 f"{corrected_steps} with corrections, {repelled}/{len(self.outputs)} outputs repelled, "
-                f"{inside} inside a shield, nearest {nearest:.4g}")
+                f"{inside} inside a shield, {self.nearest_text()}")
         jumps = [o.final_jump for o in self.outputs]
         if jumps:
             by_jump = sum(1 for o in self.outputs if o.protected_by == "final jump")

@@ -278,7 +278,7 @@ class SpellPatch:
                 / before.float().flatten(1).norm(dim=1).clamp_min(1e-12)).cpu().tolist()
         repelled = run.repelled if run.repelled is not None else torch.zeros(samples.shape[0], dtype=torch.bool)
         if run.source is not None:
-            dist, idx = run.source.nearest(samples.float())
+            dist, idx = run.source.nearest(samples.float(), run.report.nearest_reach())
             dist, idx = dist.cpu().tolist(), idx.cpu().tolist()
         else:
             dist, idx = [math.inf] * samples.shape[0], [-1] * samples.shape[0]

@@ -279,7 +279,7 @@ def output_lines(report, record, shield_label) -> tuple[list[str], tuple]:
     d = record.distance
     lines = [f"output {record.index}"]
     if not math.isfinite(d):
-        return lines + ["no shield to compare with", f"repelled: {'yes' if record.repelled else 'no'}"], NEUTRAL
+        return lines + [report.no_nearest_text(), f"repelled: {'yes' if record.repelled else 'no'}"], NEUTRAL
     inside = d < report.inside_limit()
     if record.nearest_shield >= 0:
         lines.append(f"nearest: shield {shield_label(record.nearest_shield)}")

@@ -173,28 +173,38 @@ class DatabaseShields(IndexedSource):
         z = torch.from_numpy(self.snapshot.read_rows(rows).astype(np.float32))
         return z.to(queries.device)
 
-    def nearest(self, queries: torch.Tensor):
-        """Exact nearest live shield: an upper bound from feature-space neighbours, then an exact range search."""
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf):
+        """Exact nearest live shield within ``reach`` (``(inf, -1)`` for a query with none): an upper bound from
+        feature-space neighbours, then an exact range search within the smaller of that bound and ``reach`` (a
+        query far from every shield would otherwise measure most of the set)."""
         q = self._queries(queries)
         best = np.full(len(q), np.inf)
-        best_row = np.zeros(len(q), np.int64)
+        best_row = np.full(len(q), -1, np.int64)
         for b in range(len(q)):
             rows = self.rows
             if self.use_index:
-                probe = self.snapshot.index.nearest_candidates(q[b:b + 1], NEAREST_PROBE)[0]
-                probe = probe[(probe >= 0)]
-                probe = probe[self._live[probe]]
-                if len(probe):
-                    _, _, d2 = next(self._exact_sq(q[b:b + 1], np.sort(probe)))
-                    bound = math.sqrt(float(d2.min())) * (1 + 1e-6) + 1e-30
+                bound = min(self._probe_bound(q[b:b + 1]), reach)
+                if math.isfinite(bound):
                     rows = self._candidate_rows(q[b:b + 1], bound, queries.device)
             for part, _, d2 in self._exact_sq(q[b:b + 1], rows):
                 i = int(d2[0].argmin())
                 if float(d2[0, i]) < best[b]:
                     best[b], best_row[b] = float(d2[0, i]), int(part[i])
-        index = np.searchsorted(self.rows, best_row)
+            if best[b] > reach * reach:
+                best[b], best_row[b] = np.inf, -1
+        index = np.where(best_row >= 0, np.searchsorted(self.rows, best_row), -1)
         dist = torch.from_numpy(np.sqrt(best).astype(np.float32)).to(queries.device)
         return dist, torch.from_numpy(index).to(queries.device)
+
+    def _probe_bound(self, q: np.ndarray) -> float:
+        """A true distance (rounded up) from one query to some live shield: its feature-space neighbours."""
+        probe = self.snapshot.index.nearest_candidates(q, NEAREST_PROBE)[0]
+        probe = probe[(probe >= 0)]
+        probe = probe[self._live[probe]]
+        if not len(probe):
+            return math.inf
+        _, _, d2 = next(self._exact_sq(q, np.sort(probe)))
+        return math.sqrt(float(d2.min())) * (1 + 1e-6) + 1e-30
 
     def latents(self, indices) -> torch.Tensor:
         return torch.from_numpy(self.snapshot.read_rows(self.rows[np.asarray(indices, np.int64)]).astype(np.float32))

@@ -161,7 +161,7 @@ class SpellRun:
         b = samples.shape[0]
         repelled = self.repelled if self.repelled is not None else torch.zeros(b, dtype=torch.bool)
         if self.source is not None:
-            dist, idx = self.source.nearest(samples.float())
+            dist, idx = self.source.nearest(samples.float(), self.report.nearest_reach())
             dist, idx = dist.cpu().tolist(), idx.cpu().tolist()
         else:
             dist, idx = [math.inf] * b, [-1] * b
@@ -180,7 +180,7 @@ class SpellRun:
         r = self.report
         corrected = int(self.repelled.sum()) if self.repelled is not None else 0
         nearest = min((o.distance for o in r.outputs), default=math.inf)
-        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else "no shield"
+        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else r.nearest_text()
         pair = f", closest pair {self.closest_pair / math.sqrt(self.elements):.4g} rms" \
             if math.isfinite(self.closest_pair) else ""
         return (f"{corrected}/{len(r.outputs)} corrected, {near}{pair}, {self.outputs_inside()} inside, "
@@ -191,7 +191,7 @@ class SpellRun:
         r = self.report
         corrected = int(self.repelled.sum()) if self.repelled is not None else 0
         nearest = min((o.distance for o in r.outputs), default=math.inf)
-        near = "no shield or history" if not math.isfinite(nearest) else \
+        near = r.nearest_text() if not math.isfinite(nearest) else \
             f"nearest shield {nearest / math.sqrt(self.elements):.4g} rms ({nearest:.4g} L2)"
         text = (f"{SCRIPT}: r = {r.radius_rms:.4g} rms ({r.radius:.4g} L2), {corrected}/{len(r.outputs)} samples "
                 f"corrected over {len(r.steps)} model evaluations, {near}, {self.outputs_inside()} inside, "

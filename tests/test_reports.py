@@ -162,7 +162,7 @@ def test_shield_panel_tiles_frames_and_text():
     assert "distance 0.1562 rms (20 L2) = 0.781 r" in fig.legend
     assert "INSIDE the shield" in fig.legend
     assert "nearest: an earlier output (history)" in fig.legend
-    assert "no shield to compare with" in fig.legend
+    assert "no shield within 2 r" in fig.legend                            # shields exist, none within reach
     assert_text_drawn(fig, "row0_line2", "distance 0.2344 rms (30 L2) = 1.17 r")
     assert_text_drawn(fig, "row1_line4", "INSIDE the shield")
 

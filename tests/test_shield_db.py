@@ -194,3 +194,34 @@ def test_shard_truncated_after_opening_is_named(tmp_path):
         handle.truncate(shard.stat().st_size - 4096)
     with pytest.raises(CorruptDatabaseError, match=shard.name):
         snap.read_rows(np.arange(snap.shards[0].rows - 10, snap.shards[0].rows))
+
+
+def test_nearest_within_reach_is_exact_and_gives_up_beyond_it(tmp_path):
+    """Near queries get the exact nearest; a query whose nearest shield lies beyond ``reach`` gets (inf, -1)
+    after measuring only the shields the screen keeps within reach (not most of the set, as with no reach)."""
+    data = clustered(900, SHAPE, seed=5)
+    src = DatabaseShields(make_db(tmp_path, data, index_dim=8).snapshot(), small_set_rows=0)  # loose bounds
+    gen = torch.Generator().manual_seed(1)
+    near = torch.from_numpy(data[[1, 500]].astype(np.float32)) + 0.3 * torch.randn(2, *SHAPE, generator=gen)
+    far = 8.0 * torch.randn(1, *SHAPE, generator=gen)      # noise: every shield about equally far away
+    q = torch.cat([near, far])
+    _, d = brute_within(data, q, 0)
+    nn = d.min(1).values
+    reach = float(2 * nn[:2].max())
+    assert nn[2] > reach
+    measured = []
+    exact_sq = src._exact_sq
+    src._exact_sq = lambda qq, rows: (measured.append(len(rows)), exact_sq(qq, rows))[1]
+    dist, idx = src.nearest(q, reach)
+    assert idx[:2].tolist() == d[:2].argmin(1).tolist()
+    assert torch.allclose(dist[:2].double(), nn[:2], rtol=1e-6)
+    assert idx[2].item() == -1 and dist[2].item() == float("inf")
+    measured.clear()
+    src.nearest(q[2:], reach)
+    with_reach = sum(measured)
+    measured.clear()
+    dist, idx = src.nearest(q[2:])                            # no reach: the exact nearest, at any distance
+    assert idx.tolist() == [int(d[2].argmin())] and torch.allclose(dist.double(), nn[2:], rtol=1e-6)
+    assert with_reach <= 16 < 300 < sum(measured), (with_reach, measured)  # probes only vs a third of the set
+    dist, idx = src.nearest(q, float(nn[2]) * (1 + 1e-6))   # reach just beyond the far query's nearest: found
+    assert idx.tolist() == d.argmin(1).tolist()

@@ -94,6 +94,22 @@ def test_nearest_is_exact(server):
     assert src.sources(idx) == [f"s{i}" for i in idx.tolist()]
 
 
+def test_nearest_within_reach_is_exact_and_none_beyond(server):
+    data = clustered(900, SHAPE, seed=5)
+    src = make_store(server.dsn(), data).source()
+    gen = torch.Generator().manual_seed(1)
+    near = torch.from_numpy(data[[1, 500]].astype(np.float32)) + 0.3 * torch.randn(2, *SHAPE, generator=gen)
+    q = torch.cat([near, 8.0 * torch.randn(1, *SHAPE, generator=gen)])
+    _, d = brute_within(data, q, 0)
+    nn = d.min(1).values
+    reach = float(2 * nn[:2].max())
+    assert nn[2] > reach
+    dist, idx = src.nearest(q, reach)
+    assert idx.tolist() == d[:2].argmin(1).tolist() + [-1]
+    assert torch.allclose(dist[:2].double(), nn[:2], rtol=1e-6) and dist[2].item() == float("inf")
+    assert src.nearest(q[2:], float(nn[2]) * (1 + 1e-6))[1].tolist() == [int(d[2].argmin())]
+
+
 def test_incremental_commits_refit_and_removal(server):
     """Many small commits (basis fitted on the first, refitted as the set grows), removals and relinks by hash."""
     data = clustered(800, SHAPE, seed=7)

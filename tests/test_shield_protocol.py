@@ -221,3 +221,25 @@ def test_postgres_source_lists_maps_moves_and_resizes_like_the_file_database():
             src.close()
     finally:
         servers.close()
+
+
+def test_nearest_beyond_reach_is_none_through_every_wrapper(tmp_path):
+    """(inf, -1) from an indexed source survives concatenation (no index offset added), affine views (reach
+    scaled) and exclusion (no search past reach); in-memory sets stay exact beyond reach."""
+    za, zb = latents(600, 4), latents(600, 5) + 3.0
+    dba, dbb = database(tmp_path / "a", za), database(tmp_path / "b", zb)
+    far = torch.full((1, *SHAPE), 60.0)
+    dist, idx = ConcatShields([dba, dbb]).nearest(far, 5.0)
+    assert idx.tolist() == [-1] and dist.tolist() == [float("inf")]
+    mem = TensorShields(zb[:5])
+    dist, idx = ConcatShields([dba, mem]).nearest(far, 5.0)             # in memory: exact beyond reach
+    want = (far.flatten(1).double() - zb[:5].flatten(1).double()).norm(dim=1)
+    assert idx.tolist() == [600 + int(want.argmin())] and torch.allclose(dist.double(), want.min(), rtol=1e-6)
+    view = AffineShields(dba, 2.0, 0.0)
+    near = 2.0 * za[:1] + 0.01
+    d_src = (near / 2.0).flatten(1).double().sub(za.flatten(1).double()).norm(dim=1).min()
+    assert view.nearest(near, float(2.0 * d_src) * 1.001)[1].tolist() == [0]
+    assert view.nearest(near, float(2.0 * d_src) * 0.999)[1].tolist() == [-1]     # reach scaled into the source
+    excluded = ExcludedShields(dba, za[:1])
+    dist, idx = excluded.nearest(za[:1], 1e-3)                          # its own shield is left out, none else near
+    assert idx.tolist() == [-1] and dist.tolist() == [float("inf")]

@@ -153,21 +153,25 @@ class PostgresShields(IndexedSource):
         _, z = self.within_rows(queries, radius, with_latents=True)
         return torch.from_numpy(z.astype(np.float32)).to(queries.device)
 
-    def nearest(self, queries: torch.Tensor):
-        """Exact nearest live shield: an upper bound from the nearest cells' best features, then a range search."""
+    def nearest(self, queries: torch.Tensor, reach: float = math.inf):
+        """Exact nearest live shield within ``reach`` (``(inf, -1)`` for a query with none): an upper bound from
+        the nearest cells' best features, then a range search within the smaller of that bound and ``reach``."""
         q = self._queries(queries)
         if len(self.rows) == 0:
             raise ValueError(f"{self.store} holds no shields: no nearest one")
         mu, a = self.basis
         fq, _ = features(q, mu, a)
-        best, best_row = np.full(len(q), np.inf), np.zeros(len(q), np.int64)
+        best, best_row = np.full(len(q), np.inf), np.full(len(q), -1, np.int64)
         for b in range(len(q)):
-            bound = self._upper_bound(q[b:b + 1], fq[b])
+            bound = min(self._upper_bound(q[b:b + 1], fq[b]), reach)
             rows, z = self._candidates(q[b:b + 1], self._rho(q[b:b + 1], bound))
+            if not len(rows):
+                continue
             d2 = ((z.reshape(len(z), -1).astype(np.float64) - q[b].astype(np.float64)) ** 2).sum(1)
             i = int(d2.argmin())
-            best[b], best_row[b] = d2[i], rows[i]
-        index = np.searchsorted(self.rows, best_row)
+            if d2[i] <= reach * reach:
+                best[b], best_row[b] = d2[i], rows[i]
+        index = np.where(best_row >= 0, np.searchsorted(self.rows, best_row), -1)
         dist = torch.from_numpy(np.sqrt(best).astype(np.float32)).to(queries.device)
         return dist, torch.from_numpy(index).to(queries.device)
 
