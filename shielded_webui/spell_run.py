@@ -180,7 +180,8 @@ class SpellRun:
         r = self.report
         corrected = int(self.repelled.sum()) if self.repelled is not None else 0
         nearest = min((o.distance for o in r.outputs), default=math.inf)
-        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else r.nearest_text()
+        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else \
+            "no shield" if not (r.shield_count or r.history_count) else r.no_nearest_text()
         pair = f", closest pair {self.closest_pair / math.sqrt(self.elements):.4g} rms" \
             if math.isfinite(self.closest_pair) else ""
         return (f"{corrected}/{len(r.outputs)} corrected, {near}{pair}, {self.outputs_inside()} inside, "
