@@ -29,6 +29,7 @@ from .store import read_basis, read_meta
 from .verify import within_mask
 
 NEAREST_PROBE = 16
+NEAREST_CHUNK_ROWS = 2048
 SNAPSHOT_ATTEMPTS = 5
 
 
@@ -154,23 +155,28 @@ class PostgresShields(IndexedSource):
         return torch.from_numpy(z.astype(np.float32)).to(queries.device)
 
     def nearest(self, queries: torch.Tensor, reach: float = math.inf):
-        """Exact nearest live shield within ``reach`` (``(inf, -1)`` for a query with none): an upper bound from
-        the nearest cells' best features, then a range search within the smaller of that bound and ``reach``."""
+        """Exact nearest live shield within ``reach`` (``(inf, -1)`` for a query with none): an upper bound per
+        query from the nearest cells' best features, then one range search for the batch, each query within the
+        smaller of its bound and ``reach`` (the union holds every query's own candidates)."""
         q = self._queries(queries)
         if len(self.rows) == 0:
             raise ValueError(f"{self.store} holds no shields: no nearest one")
         mu, a = self.basis
         fq, _ = features(q, mu, a)
+        bounds = np.array([min(self._upper_bound(q[b:b + 1], fq[b]), reach) for b in range(len(q))])
+        rows, z = self._candidates(q, self._rho(q, bounds))
         best, best_row = np.full(len(q), np.inf), np.full(len(q), -1, np.int64)
-        for b in range(len(q)):
-            bound = min(self._upper_bound(q[b:b + 1], fq[b]), reach)
-            rows, z = self._candidates(q[b:b + 1], self._rho(q[b:b + 1], bound))
-            if not len(rows):
-                continue
-            d2 = ((z.reshape(len(z), -1).astype(np.float64) - q[b].astype(np.float64)) ** 2).sum(1)
-            i = int(d2.argmin())
-            if d2[i] <= reach * reach:
-                best[b], best_row[b] = d2[i], rows[i]
+        q64 = q.astype(np.float64)
+        flat = z.reshape(len(z), math.prod(self.item_shape))
+        for start in range(0, len(rows), NEAREST_CHUNK_ROWS):
+            z64 = flat[start:start + NEAREST_CHUNK_ROWS].astype(np.float64)
+            for b in range(len(q)):
+                d2 = ((z64 - q64[b]) ** 2).sum(1)
+                i = int(d2.argmin())
+                if d2[i] < best[b]:
+                    best[b], best_row[b] = d2[i], rows[start + i]
+        beyond = best > reach * reach
+        best[beyond], best_row[beyond] = np.inf, -1
         index = np.where(best_row >= 0, np.searchsorted(self.rows, best_row), -1)
         dist = torch.from_numpy(np.sqrt(best).astype(np.float32)).to(queries.device)
         return dist, torch.from_numpy(index).to(queries.device)
