@@ -359,19 +359,23 @@ def plot(rows, reference, floor, floor_std, path: Path):
 def plot_scatter(axes, rows, reference, sampler, n):
     """Top row: unguided, EDDY 1, PG at the spread closest to EDDY 1's, EDDY drift 1, drift + coupled start."""
     eddy = _pick(rows, sampler, n, EDDY, 1.0)
-    pg = min((r for r in rows if r["sampler"] == sampler and r["n"] == n and r["method"] == PG),
-             key=lambda r: abs(r["change"][0] - eddy["change"][0]))
+    target = 0.0 if eddy["diverged"] else eddy["change"][0]
+    pgs = [r for r in rows if r["sampler"] == sampler and r["n"] == n and r["method"] == PG]
+    pg = min((r for r in pgs if not r["diverged"]), key=lambda r: abs(r["change"][0] - target), default=pgs[0])
     picks = [_pick(rows, sampler, n, UNGUIDED), eddy, pg, _pick(rows, sampler, n, DRIFT, 1.0),
              _pick(rows, sampler, n, DRIFT_COUPLED)]
     for ax, r in zip(axes, picks):
-        out = r["out"]
         ax.scatter(reference[:3000, 0], reference[:3000, 1], s=2, c="0.8")
-        ax.scatter(out[:, 0], out[:, 1], s=2, c=STYLE[r["method"]][0])
-        for b, marker in enumerate(("x", "+", "^")):
-            ax.scatter(out[b * n:(b + 1) * n, 0], out[b * n:(b + 1) * n, 1], s=60, marker=marker, c="k")
-        ax.set_title(f"{_label(r)}  ({SAMPLER_TITLES[sampler].split()[0]}, N={n})\nmean pairwise distance "
-                     f"{r['change'][0]:+.1%}, sliced W1 {r['w1']:.3f}\nenergy p vs exact {r['p_exact']:.3f}",
-                     fontsize=10)
+        title = f"{_label(r)}  ({SAMPLER_TITLES[sampler].split()[0]}, N={n})"
+        if r["diverged"]:
+            ax.set_title(f"{title}\ndiverged (not drawn)", fontsize=10)
+        else:
+            out = r["out"]
+            ax.scatter(out[:, 0], out[:, 1], s=2, c=STYLE[r["method"]][0])
+            for b, marker in enumerate(("x", "+", "^")):
+                ax.scatter(out[b * n:(b + 1) * n, 0], out[b * n:(b + 1) * n, 1], s=60, marker=marker, c="k")
+            ax.set_title(f"{title}\nmean pairwise distance {r['change'][0]:+.1%}, sliced W1 {r['w1']:.3f}\n"
+                         f"energy p vs exact {r['p_exact']:.3f}", fontsize=10)
         ax.set_xlim(-4, 4), ax.set_ylim(-4, 4), ax.set_aspect("equal")
 
 
