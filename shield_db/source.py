@@ -174,9 +174,10 @@ class DatabaseShields(IndexedSource):
         return z.to(queries.device)
 
     def nearest(self, queries: torch.Tensor, reach: float = math.inf):
-        """Exact nearest live shield within ``reach`` (``(inf, -1)`` for a query with none): an upper bound from
-        feature-space neighbours, then an exact range search within the smaller of that bound and ``reach`` (a
-        query far from every shield would otherwise measure most of the set)."""
+        """Exact nearest live shield; ``(inf, -1)`` for a query with none within ``reach`` when the set is searched
+        through its index: an upper bound from feature-space neighbours, then an exact range search within the
+        smaller of that bound and ``reach`` (a query far from every shield would otherwise measure most of the set).
+        Sets below ``small_set_rows`` are measured in full and answer the exact nearest at any distance."""
         q = self._queries(queries)
         best = np.full(len(q), np.inf)
         best_row = np.full(len(q), -1, np.int64)
@@ -190,7 +191,7 @@ class DatabaseShields(IndexedSource):
                 i = int(d2[0].argmin())
                 if float(d2[0, i]) < best[b]:
                     best[b], best_row[b] = float(d2[0, i]), int(part[i])
-            if best[b] > reach * reach:
+            if self.use_index and best[b] > reach * reach:   # a small set was measured in full: keep its nearest
                 best[b], best_row[b] = np.inf, -1
         index = np.where(best_row >= 0, np.searchsorted(self.rows, best_row), -1)
         dist = torch.from_numpy(np.sqrt(best).astype(np.float32)).to(queries.device)

@@ -225,3 +225,5 @@ def test_nearest_within_reach_is_exact_and_gives_up_beyond_it(tmp_path):
     assert with_reach <= 16 < 300 < sum(measured), (with_reach, measured)  # probes only vs a third of the set
     dist, idx = src.nearest(q, float(nn[2]) * (1 + 1e-6))   # reach just beyond the far query's nearest: found
     assert idx.tolist() == d.argmin(1).tolist()
+    small = DatabaseShields(src.snapshot)                    # below small_set_rows: measured in full, exact anyway
+    assert not small.use_index and small.nearest(q, reach)[1].tolist() == d.argmin(1).tolist()

@@ -227,7 +227,8 @@ def test_nearest_beyond_reach_is_none_through_every_wrapper(tmp_path):
     """(inf, -1) from an indexed source survives concatenation (no index offset added), affine views (reach
     scaled) and exclusion (no search past reach); in-memory sets stay exact beyond reach."""
     za, zb = latents(600, 4), latents(600, 5) + 3.0
-    dba, dbb = database(tmp_path / "a", za), database(tmp_path / "b", zb)
+    dba, dbb = (DatabaseShields(database(tmp_path / name, z).snapshot, small_set_rows=0)   # searched by index
+                for name, z in (("a", za), ("b", zb)))
     far = torch.full((1, *SHAPE), 60.0)
     dist, idx = ConcatShields([dba, dbb]).nearest(far, 5.0)
     assert idx.tolist() == [-1] and dist.tolist() == [float("inf")]
