@@ -59,16 +59,18 @@ class FeatureIndex:
         if len(norms):
             self.max_norm = max(self.max_norm, float(norms.max()))
 
-    def candidates(self, queries: np.ndarray, radius: float) -> np.ndarray:
-        """Sorted rows whose features lie close enough that they may be within ``radius`` of a query."""
+    def candidates(self, queries: np.ndarray, radius) -> np.ndarray:
+        """Sorted rows whose features lie close enough that they may be within ``radius`` (scalar or ``[B]``) of a
+        query."""
         feats, norms = features(queries, self.mu, self.a)
         return self.cascade().candidates(feats, self.screen_radii_sq(feats, norms, radius))
 
-    def screen_radii_sq(self, feats: np.ndarray, norms: np.ndarray, radius: float) -> np.ndarray:
+    def screen_radii_sq(self, feats: np.ndarray, norms: np.ndarray, radius) -> np.ndarray:
         """``[B]`` squared feature radii no true hit of each query can exceed, float bounds included."""
         max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
-        return np.array([search_radius_sq(radius, float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
-                                          max_feat_sq, feats.shape[1]) for n in norms], np.float64)
+        radii = np.broadcast_to(np.asarray(radius, np.float64), (len(norms),))
+        return np.array([search_radius_sq(float(r), float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
+                                          max_feat_sq, feats.shape[1]) for r, n in zip(radii, norms)], np.float64)
 
     def cascade(self) -> Cascade:
         """The screen's arrays over the stored features (a view into the FAISS index, not a copy)."""

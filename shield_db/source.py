@@ -84,7 +84,7 @@ class DatabaseShields(IndexedSource):
             raise ValueError("queries contain NaN or Inf")
         return q.numpy()
 
-    def _candidate_rows(self, q: np.ndarray, radius: float, device=None) -> np.ndarray:
+    def _candidate_rows(self, q: np.ndarray, radius, device=None) -> np.ndarray:
         if not self.use_index:
             return self.rows
         on_accelerator = device is not None and torch.device(device).type != "cpu"
@@ -175,24 +175,26 @@ class DatabaseShields(IndexedSource):
 
     def nearest(self, queries: torch.Tensor, reach: float = math.inf):
         """Exact nearest live shield; ``(inf, -1)`` for a query with none within ``reach`` when the set is searched
-        through its index: an upper bound from feature-space neighbours, then an exact range search within the
-        smaller of that bound and ``reach`` (a query far from every shield would otherwise measure most of the set).
-        Sets below ``small_set_rows`` are measured in full and answer the exact nearest at any distance."""
+        through its index: an upper bound per query from feature-space neighbours, then one exact range search for
+        the batch, each query within the smaller of its bound and ``reach`` (a query far from every shield would
+        otherwise measure most of the set). Sets below ``small_set_rows`` are measured in full and answer the exact
+        nearest at any distance."""
         q = self._queries(queries)
+        rows = self.rows
+        if self.use_index:
+            bounds = np.array([min(self._probe_bound(q[b:b + 1]), reach) for b in range(len(q))])
+            if np.isfinite(bounds).all():
+                rows = self._candidate_rows(q, bounds, queries.device)
         best = np.full(len(q), np.inf)
         best_row = np.full(len(q), -1, np.int64)
-        for b in range(len(q)):
-            rows = self.rows
-            if self.use_index:
-                bound = min(self._probe_bound(q[b:b + 1]), reach)
-                if math.isfinite(bound):
-                    rows = self._candidate_rows(q[b:b + 1], bound, queries.device)
-            for part, _, d2 in self._exact_sq(q[b:b + 1], rows):
-                i = int(d2[0].argmin())
-                if float(d2[0, i]) < best[b]:
-                    best[b], best_row[b] = float(d2[0, i]), int(part[i])
-            if self.use_index and best[b] > reach * reach:   # a small set was measured in full: keep its nearest
-                best[b], best_row[b] = np.inf, -1
+        for part, _, d2 in self._exact_sq(q, rows):
+            i = d2.argmin(1).numpy()
+            d = d2[np.arange(len(q)), i].numpy()
+            better = d < best
+            best[better], best_row[better] = d[better], part[i[better]]
+        if self.use_index:   # the union holds every query's own candidates, so each nearest within reach is found
+            beyond = best > reach * reach
+            best[beyond], best_row[beyond] = np.inf, -1
         index = np.where(best_row >= 0, np.searchsorted(self.rows, best_row), -1)
         dist = torch.from_numpy(np.sqrt(best).astype(np.float32)).to(queries.device)
         return dist, torch.from_numpy(index).to(queries.device)

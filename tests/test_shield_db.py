@@ -227,3 +227,21 @@ def test_nearest_within_reach_is_exact_and_gives_up_beyond_it(tmp_path):
     assert idx.tolist() == d.argmin(1).tolist()
     small = DatabaseShields(src.snapshot)                    # below small_set_rows: measured in full, exact anyway
     assert not small.use_index and small.nearest(q, reach)[1].tolist() == d.argmin(1).tolist()
+
+
+def test_per_query_radii_screen_the_union_of_single_query_screens(tmp_path):
+    """The batched nearest search screens each query at its own bound: index and device screens take ``[B]`` radii."""
+    data = clustered(900, SHAPE, seed=9)
+    src = DatabaseShields(make_db(tmp_path, data).snapshot(), small_set_rows=0)
+    q = torch.from_numpy(data[[3, 400, 800]].astype(np.float32)) + 0.4
+    radii = np.array([1.0, 6.0, 12.0])
+    q_np = q.numpy()
+    single = [set(src._candidate_rows(q_np[b:b + 1], float(radii[b])).tolist()) for b in range(3)]
+    assert set(src._candidate_rows(q_np, radii).tolist()) == set().union(*single)
+    index = src.snapshot.index
+    feats, norms = features(q_np, index.mu, index.a)
+    screen = src.device_screen()
+    one_by_one = [set(screen.candidates(torch.from_numpy(feats[b:b + 1]), torch.from_numpy(norms[b:b + 1]),
+                                        float(radii[b])).tolist()) for b in range(3)]
+    batched = screen.candidates(torch.from_numpy(feats), torch.from_numpy(norms), radii)
+    assert set(batched.tolist()) == set().union(*one_by_one) and len(single[0]) < len(single[2])
