@@ -36,9 +36,9 @@ import faiss
 import numpy as np
 import torch
 
+from shield_db.cascade import prefix_features, squared_norms
 from shield_db.database import ShieldDatabase
-from shield_db.cascade import squared_norms
-from shield_db.feature_index import COARSE_DIM, FeatureIndex, coarse_features
+from shield_db.feature_index import PREFIX_WIDTHS, FeatureIndex
 from shield_db.projection import FEATURE_REL_ERROR, features, fit_basis, search_radius_sq
 from shield_db.source import DatabaseShields
 from shield_db.transaction import DEFAULT_INDEX_DIM
@@ -51,6 +51,7 @@ COPY_NOISE = 0.01
 CHUNK = 65536
 RESULTS = Path(__file__).resolve().parent / "results"
 EVICT_BYTES = 256 << 20
+COARSE_DIM = PREFIX_WIDTHS[0]  # the first level's width: the previous release's coarse pass and the cells
 VARIANTS = [(0, 0, False)] + [(dy, dx, f) for f in (False, True) for dy, dx in
                               ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (0, 2))] + [(0, 0, True)]
 
@@ -145,9 +146,9 @@ class PreviousScreen(FeatureIndex):
         r2 = float(self.screen_radii_sq(feats, norms, radius).max())
         cascade = self.cascade()
         if not hasattr(self, "_coarse"):
-            self._coarse = coarse_features(cascade.full, COARSE_DIM)
+            self._coarse = prefix_features(cascade.full, COARSE_DIM)
             self._coarse_sq = squared_norms(self._coarse)
-        rows = previous_pass(coarse_features(feats, COARSE_DIM), self._coarse, self._coarse_sq, r2)
+        rows = previous_pass(prefix_features(feats, COARSE_DIM), self._coarse, self._coarse_sq, r2)
         return rows[previous_pass(feats, cascade.full[rows], cascade.full_sq[rows], r2)].astype(np.int64)
 
 
@@ -241,10 +242,10 @@ def cells_of_database(index, x16: np.ndarray, radius: float) -> list[str]:
     q = np.concatenate([make_queries(x16, rng) for _ in range(4)])
     fq, _ = features(q, index.mu, index.a)
     full = index.cascade().full
-    coarse = coarse_features(full, COARSE_DIM)
+    coarse = prefix_features(full, COARSE_DIM)
     out = []
     for name, rows, fq_rows in ((f"all {full.shape[1]} features", full, fq),
-                                (f"coarse {COARSE_DIM + 1} features", coarse, coarse_features(fq, COARSE_DIM))):
+                                (f"coarse {COARSE_DIM + 1} features", coarse, prefix_features(fq, COARSE_DIM))):
         if rows is not None:
             out += [f"Cells on {name}:", ""] + cells(rows, fq_rows, radius) + [""]
     return out

@@ -148,10 +148,10 @@ def rss() -> float:
     return million.rss_mb()["VmRSS"]
 
 
-def timed(fn, *args):
-    """``(fn(*args), wall s, CPU s of this process, all threads)``."""
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), wall s, CPU s of this process, all threads)``."""
     t, c = time.perf_counter(), time.process_time()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - t, time.process_time() - c
 
 

@@ -23,23 +23,16 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import numpy as np
 import torch
 
 from benchmarks import comfy_host as host
 from benchmarks import shield_db_million as million
-from benchmarks.shield_db_side_by_side import RESULTS
+from benchmarks.shield_db_side_by_side import RESULTS, timed
 
 BATCH = 8
 CFG = 7.0
-
-
-def timed(fn, *args, **kwargs):
-    t, c = time.perf_counter(), time.process_time()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t, time.process_time() - c
 
 
 def open_shield_set():
@@ -108,7 +101,7 @@ def main():
     nodes = host.boot_comfy()
     shields, source = open_shield_set()
     model = host.random_model(unet_config=host.sd15_unet_config())
-    scale = 0.18215  # SD1.5's latent format: model space = VAE latent x 0.18215; shields are stored in VAE space
+    scale = model.model.latent_format.scale_factor  # model space = VAE latent x scale; shields are in VAE space
     radius_rms = million.RADIUS * scale / np.sqrt(million.DIM)
     variants = {"plain": model, "spell_1M": spell_model(model, shields, radius_rms)}
     result = {"rows": len(source), "dim": million.DIM, "batch": BATCH, "steps": args.steps, "cfg": CFG,

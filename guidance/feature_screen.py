@@ -89,7 +89,7 @@ def fit_map(sample: torch.Tensor, dim: int = FEATURE_DIM, seed: int = 0) -> tupl
 
 def check_feature_bound(dim: int) -> None:
     """The feature error bound holds while ``sqrt(3 gamma_{D+2}) + 2^-24 << FEATURE_REL_ERROR`` (float64);
-    ``2^-23`` more covers shield_db's coarse screening features (``shield_db.feature_index.coarse_features``)."""
+    ``2^-23`` more covers shield_db's coarse screening features (``shield_db.cascade.prefix_features``)."""
     bound = math.sqrt(3 * gamma(dim + 2, 2.0 ** -53)) + U32 + 2 * U32 + 8 * gamma(dim + 2, 2.0 ** -53)
     if bound > FEATURE_REL_ERROR / 2:
         raise ValueError(f"feature error bound {bound:.2e} too large for D={dim}")

@@ -91,11 +91,6 @@ def to_model_space(source: ShieldSource, latent_format, node: str) -> ShieldSour
         raise ValueError(f"{node}: {err}") from err
 
 
-def on_device(source: ShieldSource, device) -> ShieldSource:
-    """The source ready for the sampling device, once per run (in-memory features move; indexed sets stay)."""
-    return source.on_device(device)
-
-
 def shields_for_shape(settings: SpellSettings, latent_shape: tuple, cache: dict):
     """The shield set's LATENT-space source at ``latent_shape``: as is, or resized to its height/width.
 
@@ -203,7 +198,7 @@ class SpellPatch:
                 history_count = len(hist)
         source = None
         if sources:
-            merged = on_device(ConcatShields(sources), guider.model_patcher.load_device)
+            merged = ConcatShields(sources).on_device(guider.model_patcher.load_device)
             source = to_model_space(merged, latent_format, s.node)
         elements = int(math.prod(item_shape))
         radius = raw_radius(s.radius_rms, elements)

@@ -14,15 +14,13 @@ import faiss
 import numpy as np
 from safetensors.numpy import load
 
-from .cascade import Cascade, prefix_features
+from .cascade import Cascade
 from .errors import CorruptDatabaseError
 from .projection import FEATURE_REL_ERROR, features, search_radius_sq
 from .storage import write_bytes_atomic, write_safetensors_atomic
 
 PREFIX_WIDTHS = (32, 128)   # candidate prefix levels of the cascade (docs/shield_db_real_images.md)
 LEVEL_SHARE = 0.6           # a prefix level is used when its width (m + 1) is at most this share of the next one's
-coarse_features = prefix_features  # the first level's map, under its earlier name
-COARSE_DIM = PREFIX_WIDTHS[0]
 
 
 def screen_widths(width: int) -> tuple[int, ...]:

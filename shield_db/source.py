@@ -84,7 +84,7 @@ class DatabaseShields(IndexedSource):
             raise ValueError("queries contain NaN or Inf")
         return q.numpy()
 
-    def _candidate_rows(self, q: np.ndarray, radius, device=None) -> np.ndarray:
+    def _candidate_rows(self, q: np.ndarray, radius: float | np.ndarray, device=None) -> np.ndarray:
         if not self.use_index:
             return self.rows
         on_accelerator = device is not None and torch.device(device).type != "cpu"
@@ -182,7 +182,7 @@ class DatabaseShields(IndexedSource):
         q = self._queries(queries)
         rows = self.rows
         if self.use_index:
-            bounds = np.array([min(self._probe_bound(q[b:b + 1]), reach) for b in range(len(q))])
+            bounds = np.minimum(self._probe_bounds(q), reach)
             if np.isfinite(bounds).all():
                 rows = self._candidate_rows(q, bounds, queries.device)
         best = np.full(len(q), np.inf)
@@ -199,15 +199,18 @@ class DatabaseShields(IndexedSource):
         dist = torch.from_numpy(np.sqrt(best).astype(np.float32)).to(queries.device)
         return dist, torch.from_numpy(index).to(queries.device)
 
-    def _probe_bound(self, q: np.ndarray) -> float:
-        """A true distance (rounded up) from one query to some live shield: its feature-space neighbours."""
-        probe = self.snapshot.index.nearest_candidates(q, NEAREST_PROBE)[0]
-        probe = probe[(probe >= 0)]
-        probe = probe[self._live[probe]]
-        if not len(probe):
-            return math.inf
-        _, _, d2 = next(self._exact_sq(q, np.sort(probe)))
-        return math.sqrt(float(d2.min())) * (1 + 1e-6) + 1e-30
+    def _probe_bounds(self, q: np.ndarray) -> np.ndarray:
+        """``[B]`` true distances (rounded up) from each query to some live shield: its feature-space neighbours
+        (one search for the batch); ``inf`` where none of them is live."""
+        probes = self.snapshot.index.nearest_candidates(q, NEAREST_PROBE)
+        bounds = np.full(len(q), np.inf)
+        for b, probe in enumerate(probes):
+            probe = probe[probe >= 0]
+            probe = probe[self._live[probe]]
+            if len(probe):
+                _, _, d2 = next(self._exact_sq(q[b:b + 1], np.sort(probe)))
+                bounds[b] = math.sqrt(float(d2.min())) * (1 + 1e-6) + 1e-30
+        return bounds
 
     def latents(self, indices) -> torch.Tensor:
         return torch.from_numpy(self.snapshot.read_rows(self.rows[np.asarray(indices, np.int64)]).astype(np.float32))

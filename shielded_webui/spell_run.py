@@ -180,8 +180,8 @@ class SpellRun:
         r = self.report
         corrected = int(self.repelled.sum()) if self.repelled is not None else 0
         nearest = min((o.distance for o in r.outputs), default=math.inf)
-        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else \
-            "no shield" if not (r.shield_count or r.history_count) else r.no_nearest_text()
+        none = r.no_nearest_text() if r.shield_count or r.history_count else "no shield"
+        near = f"nearest {nearest / math.sqrt(self.elements):.4g} rms" if math.isfinite(nearest) else none
         pair = f", closest pair {self.closest_pair / math.sqrt(self.elements):.4g} rms" \
             if math.isfinite(self.closest_pair) else ""
         return (f"{corrected}/{len(r.outputs)} corrected, {near}{pair}, {self.outputs_inside()} inside, "
@@ -192,7 +192,7 @@ class SpellRun:
         r = self.report
         corrected = int(self.repelled.sum()) if self.repelled is not None else 0
         nearest = min((o.distance for o in r.outputs), default=math.inf)
-        near = r.nearest_text() if not math.isfinite(nearest) else \
+        near = r.no_nearest_text() if not math.isfinite(nearest) else \
             f"nearest shield {nearest / math.sqrt(self.elements):.4g} rms ({nearest:.4g} L2)"
         text = (f"{SCRIPT}: r = {r.radius_rms:.4g} rms ({r.radius:.4g} L2), {corrected}/{len(r.outputs)} samples "
                 f"corrected over {len(r.steps)} model evaluations, {near}, {self.outputs_inside()} inside, "

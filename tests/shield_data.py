@@ -32,3 +32,18 @@ def clustered(n: int, shape: tuple, seed: int = 0, clusters: int = 12) -> np.nda
     c, h, w = shape
     low = rng.standard_normal((n, c, h // 4, w // 4)).repeat(4, 2).repeat(4, 3)  # smooth within-cluster variation
     return (centres[rng.integers(0, clusters, n)] + low + 0.05 * rng.standard_normal((n, *shape))).astype(np.float16)
+
+
+def near_and_far(data: np.ndarray, seed: int = 1):
+    """Two queries next to shields and one of isotropic noise (every shield about equally far), with float64
+    truth: ``(queries [3, ...], distances [3, N], nearest distances [3], reach)``, where ``reach`` (twice the near
+    queries' nearest distance) holds both near queries' nearest shields but not the far one's."""
+    shape = data.shape[1:]
+    gen = torch.Generator().manual_seed(seed)
+    near = torch.from_numpy(data[[1, 500]].astype(np.float32)) + 0.3 * torch.randn(2, *shape, generator=gen)
+    q = torch.cat([near, 8.0 * torch.randn(1, *shape, generator=gen)])
+    _, d = brute_within(data, q, 0)
+    nn = d.min(1).values
+    reach = float(2 * nn[:2].max())
+    assert nn[2] > reach
+    return q, d, nn, reach

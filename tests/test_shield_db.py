@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from shield_data import brute_within, clustered, make_db
+from shield_data import brute_within, clustered, make_db, near_and_far
 
 from shield_db.database import ShieldDatabase
 from shield_db.projection import features, fit_basis
@@ -201,14 +201,7 @@ def test_nearest_within_reach_is_exact_and_gives_up_beyond_it(tmp_path):
     after measuring only the shields the screen keeps within reach (not most of the set, as with no reach)."""
     data = clustered(900, SHAPE, seed=5)
     src = DatabaseShields(make_db(tmp_path, data, index_dim=8).snapshot(), small_set_rows=0)  # loose bounds
-    gen = torch.Generator().manual_seed(1)
-    near = torch.from_numpy(data[[1, 500]].astype(np.float32)) + 0.3 * torch.randn(2, *SHAPE, generator=gen)
-    far = 8.0 * torch.randn(1, *SHAPE, generator=gen)      # noise: every shield about equally far away
-    q = torch.cat([near, far])
-    _, d = brute_within(data, q, 0)
-    nn = d.min(1).values
-    reach = float(2 * nn[:2].max())
-    assert nn[2] > reach
+    q, d, nn, reach = near_and_far(data)
     measured = []
     exact_sq = src._exact_sq
     src._exact_sq = lambda qq, rows: (measured.append(len(rows)), exact_sq(qq, rows))[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pg_servers import Servers, require_postgres
-from shield_data import brute_within, clustered
+from shield_data import brute_within, clustered, near_and_far
 
 require_postgres()
 
@@ -97,13 +97,7 @@ def test_nearest_is_exact(server):
 def test_nearest_within_reach_is_exact_and_none_beyond(server):
     data = clustered(900, SHAPE, seed=5)
     src = make_store(server.dsn(), data).source()
-    gen = torch.Generator().manual_seed(1)
-    near = torch.from_numpy(data[[1, 500]].astype(np.float32)) + 0.3 * torch.randn(2, *SHAPE, generator=gen)
-    q = torch.cat([near, 8.0 * torch.randn(1, *SHAPE, generator=gen)])
-    _, d = brute_within(data, q, 0)
-    nn = d.min(1).values
-    reach = float(2 * nn[:2].max())
-    assert nn[2] > reach
+    q, d, nn, reach = near_and_far(data)
     dist, idx = src.nearest(q, reach)
     assert idx.tolist() == d[:2].argmin(1).tolist() + [-1]
     assert torch.allclose(dist[:2].double(), nn[:2], rtol=1e-6) and dist[2].item() == float("inf")

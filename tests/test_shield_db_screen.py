@@ -6,11 +6,12 @@ import torch
 from shield_data import brute_within, clustered, make_db
 
 from shield_db import manifest
-from shield_db.cascade import fold_queries, fold_rows, folded_pass, squared_norms
-from shield_db.feature_index import COARSE_DIM, coarse_features
+from shield_db.cascade import fold_queries, fold_rows, folded_pass, prefix_features, squared_norms
+from shield_db.feature_index import PREFIX_WIDTHS
 from shield_db.source import DatabaseShields
 
 SHAPE = (4, 8, 16)  # 512 dims: 256 directions are a real projection
+COARSE_DIM = PREFIX_WIDTHS[0]  # the cascade's first level
 
 
 def real_like(n, seed=0):
@@ -27,7 +28,7 @@ def test_coarse_features_never_lengthen_a_distance():
     f = rng.standard_normal((400, 129)).astype(np.float32) * rng.uniform(0.01, 10, (400, 1)).astype(np.float32)
     g = f[rng.permutation(400)]
     g[:100] = f[:100] + 1e-3 * rng.standard_normal((100, 129)).astype(np.float32)  # near pairs too
-    c_f, c_g = coarse_features(f, COARSE_DIM).astype(np.float64), coarse_features(g, COARSE_DIM).astype(np.float64)
+    c_f, c_g = prefix_features(f, COARSE_DIM).astype(np.float64), prefix_features(g, COARSE_DIM).astype(np.float64)
     assert c_f.shape == (400, COARSE_DIM + 1)
     coarse = np.linalg.norm(c_f - c_g, axis=1)
     full = np.linalg.norm(f.astype(np.float64) - g.astype(np.float64), axis=1)
