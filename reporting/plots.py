@@ -278,16 +278,17 @@ def output_lines(report, record, shield_label) -> tuple[list[str], tuple]:
     rms = math.sqrt(max(1, report.elements))
     d = record.distance
     lines = [f"output {record.index}"]
-    if not math.isfinite(d):
-        return lines + [report.no_nearest_text(), f"repelled: {'yes' if record.repelled else 'no'}"], NEUTRAL
+    repelled = f"repelled: {'yes' if record.repelled else 'no'}"
+    if not math.isfinite(d) and not (report.shield_count or report.history_count):
+        return lines + [report.no_nearest_text(), repelled], NEUTRAL
     inside = d < report.inside_limit()
-    if record.nearest_shield >= 0:
-        lines.append(f"nearest: shield {shield_label(record.nearest_shield)}")
+    if not math.isfinite(d):  # shields exist, none within the search's reach (> r): outside every one
+        lines += [report.no_nearest_text(), repelled, "outside every shield"]
     else:
-        lines.append("nearest: an earlier output (history)")
-    lines += [f"distance {d / rms:.4g} rms ({d:.4g} L2) = {d / report.radius:.3g} r",
-              f"repelled: {'yes' if record.repelled else 'no'}",
-              "INSIDE the shield" if inside else "outside every shield"]
+        lines.append(f"nearest: shield {shield_label(record.nearest_shield)}" if record.nearest_shield >= 0
+                     else "nearest: an earlier output (history)")
+        lines += [f"distance {d / rms:.4g} rms ({d:.4g} L2) = {d / report.radius:.3g} r", repelled,
+                  "INSIDE the shield" if inside else "outside every shield"]
     jump = getattr(record, "final_jump", 0.0)
     lines.append(f"by {getattr(record, 'protected_by', 'loop')}: t=0 jump {100 * jump:.2g}% of the latent")
     return lines, INSIDE if inside else OUTSIDE

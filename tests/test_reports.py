@@ -156,7 +156,7 @@ def test_shield_panel_tiles_frames_and_text():
     frame = lambda row: (fig.regions[f"output{row}"][0] - 2, fig.regions[f"output{row}"][1] + 50)
     assert fig.image.getpixel(frame(0)) == plots.OUTSIDE                   # 30 > r = 25.6
     assert fig.image.getpixel(frame(1)) == plots.INSIDE                    # 20 < r
-    assert fig.image.getpixel(frame(3)) == plots.NEUTRAL                   # no shield at all
+    assert fig.image.getpixel(frame(3)) == plots.OUTSIDE                   # no shield within 2 r > r
     assert fig.legend[:5] == ["output 0", "nearest: shield #2 (cat.png)",
                               "distance 0.2344 rms (30 L2) = 1.17 r", "repelled: yes", "outside every shield"]
     assert "distance 0.1562 rms (20 L2) = 0.781 r" in fig.legend
@@ -165,6 +165,20 @@ def test_shield_panel_tiles_frames_and_text():
     assert "no shield within 2 r" in fig.legend                            # shields exist, none within reach
     assert_text_drawn(fig, "row0_line2", "distance 0.2344 rms (30 L2) = 1.17 r")
     assert_text_drawn(fig, "row1_line4", "INSIDE the shield")
+
+
+def test_shield_panel_row_without_a_shield_in_reach():
+    """Shields exist but none lies within the nearest search's reach (2 r): the output is outside every shield."""
+    rep = spell_report()
+    lines, frame = plots.output_lines(rep, rep.outputs[3], str)
+    assert frame == plots.OUTSIDE
+    assert lines[:4] == ["output 3", "no shield within 2 r", "repelled: no", "outside every shield"]
+    assert lines[4].startswith("by loop: t=0 jump")
+    rep.shield_count = 0                                                     # no shield and no history at all
+    lines, frame = plots.output_lines(rep, rep.outputs[3], str)
+    assert frame == plots.NEUTRAL and lines == ["output 3", "no shield or history", "repelled: no"]
+    rep.history_count = 2                                                    # earlier outputs only
+    assert plots.output_lines(rep, rep.outputs[3], str)[1] == plots.OUTSIDE
 
 
 def test_shield_panel_caps_rows_and_handles_missing_images():
