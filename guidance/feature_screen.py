@@ -98,16 +98,22 @@ def check_feature_bound(dim: int) -> None:
 def map_features(x: torch.Tensor, mu: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f(x) [n, k+1] float32, ||x - mu|| [n] float64)`` on the CPU, computed in float64 chunk by chunk."""
     flat = x.detach().to("cpu").reshape(x.shape[0], -1)
+    if flat.shape[0] <= FEATURE_CHUNK_ROWS:  # a batch of queries: one chunk, no assembly (its cost is per call)
+        return _chunk_features(flat, mu, a)
     feats = torch.empty(flat.shape[0], a.shape[1] + 1, dtype=torch.float32)
     norms = torch.empty(flat.shape[0], dtype=torch.float64)
     for start in range(0, flat.shape[0], FEATURE_CHUNK_ROWS):
-        xc = flat[start:start + FEATURE_CHUNK_ROWS].double() - mu
-        proj = xc @ a
-        norm_sq = xc.square().sum(1)
-        residual = (norm_sq - proj.square().sum(1)).clamp_min(0).sqrt()
-        feats[start:start + len(xc)] = torch.cat([proj, residual[:, None]], 1).float()
-        norms[start:start + len(xc)] = norm_sq.sqrt()
+        feats[start:start + FEATURE_CHUNK_ROWS], norms[start:start + FEATURE_CHUNK_ROWS] = \
+            _chunk_features(flat[start:start + FEATURE_CHUNK_ROWS], mu, a)
     return feats, norms
+
+
+def _chunk_features(x: torch.Tensor, mu: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xc = x.double() - mu  # never in place: a float64 input would be the caller's own tensor
+    proj = xc @ a
+    norm_sq = xc.square().sum(1)
+    residual = (norm_sq - proj.square().sum(1)).clamp_min_(0).sqrt_()
+    return torch.cat([proj, residual[:, None]], 1).float(), norm_sq.sqrt_()
 
 
 class FeatureScreen:

@@ -27,14 +27,14 @@ def pair_mask(q: np.ndarray, latents: np.ndarray, radius: float) -> torch.Tensor
     q_len = qc_sq.double().sqrt() * (1 + 2 * g)
     zc = torch.from_numpy(raw).float().sub_(centre)  # in place: the fp16 -> f32 copy is the costly pass
     zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
-    scale = (qc_sq[:, None] + zc_sq[None, :]).double()
-    d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
-    slack = 2 * g * scale * (1 + 4 * g) + 1e-300
-    shift = u * (q_len[:, None] + zc_sq.double().sqrt()[None, :] * (1 + 2 * g))
-    upper = (d2 + slack).sqrt() + shift
-    lower = (d2 - slack).clamp_min(0).sqrt() - shift
-    inside = upper <= radius
-    unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
+    norms_sq = qc_sq[:, None] + zc_sq[None, :]
+    d2 = (norms_sq - 2 * (qc @ zc.T)).double()
+    slack = norms_sq.double().mul_(2 * g).mul_(1 + 4 * g).add_(1e-300)
+    z_len = zc_sq.double().sqrt_().mul_(1 + 2 * g)
+    shift = (q_len[:, None] + z_len[None, :]).mul_(u)
+    inside = (d2 + slack).sqrt_().add_(shift) <= radius
+    lower = (d2 - slack).clamp_min_(0).sqrt_().sub_(shift)
+    unsure = (lower <= radius * (1 + ACCEPT_REL)).logical_and_(~inside).nonzero().tolist()
     if unsure:
         q64 = qt.double()
         for b, j in unsure:

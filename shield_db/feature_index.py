@@ -67,8 +67,9 @@ class FeatureIndex:
         """``[B]`` squared feature radii no true hit of each query can exceed, float bounds included."""
         max_feat_sq = (self.max_norm * (1 + FEATURE_REL_ERROR)) ** 2
         radii = np.broadcast_to(np.asarray(radius, np.float64), (len(norms),))
-        return np.array([search_radius_sq(float(r), float(n), self.max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2),
-                                          max_feat_sq, feats.shape[1]) for r, n in zip(radii, norms)], np.float64)
+        norms = np.asarray(norms, np.float64)
+        return search_radius_sq(radii, norms, self.max_norm, (norms * (1 + FEATURE_REL_ERROR)) ** 2, max_feat_sq,
+                                feats.shape[1]).astype(np.float64)
 
     def cascade(self) -> Cascade:
         """The screen's arrays over the stored features (a view into the FAISS index, not a copy)."""

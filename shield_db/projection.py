@@ -53,8 +53,10 @@ def search_radius_sq(radius: float, query_norm: float, max_shield_norm: float,
 
     ``||f^(q) - f^(z)|| <= r + e_q + e_z``; FAISS evaluates ``||a - b||^2`` directly or as
     ``||a||^2 + ||b||^2 - 2 a.b`` in float32, with error ``<= 2 gamma_{k+3} (||a||^2 + ||b||^2)``; we allow twice that.
+    Elementwise over arrays of radii and query norms (float64 arithmetic, the same value as one call per query).
     """
     reach = radius + feature_error(query_norm) + feature_error(max_shield_norm)
     slack = 4 * gamma(feat_dim + 5, 2.0 ** -24) * (query_feat_sq + max_feat_sq)
-    value = np.float32((reach * reach + slack) * (1 + 1e-6))
-    return float(np.nextafter(value, np.float32(np.inf)))
+    value = np.asarray((reach * reach + slack) * (1 + 1e-6), np.float64).astype(np.float32)
+    rounded = np.nextafter(value, np.float32(np.inf))
+    return float(rounded) if rounded.ndim == 0 else rounded

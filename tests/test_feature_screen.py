@@ -172,3 +172,17 @@ def test_database_falls_back_to_the_index_when_stored_features_disagree(tmp_path
     rows = src.within_rows(q, 2.0)
     assert "do not match" in caplog.text
     assert set(rows.tolist()) == brute_within(data, q, 2.0)
+
+
+def test_map_features_is_the_same_map_for_one_chunk_and_many_and_leaves_its_input_alone():
+    """Query batches take the one-chunk path; a set takes the chunked one: same values bit for bit, and a float64
+    input is not modified (the centring is never done in place on the caller's tensor)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(fs.FEATURE_CHUNK_ROWS * 2 + 7, 40, generator=gen, dtype=torch.float64)
+    before = x.clone()
+    mu, a = fs.fit_map(x.float(), 6)
+    feats, norms = fs.map_features(x, mu, a)
+    assert torch.equal(x, before)
+    for lo in (0, fs.FEATURE_CHUNK_ROWS - 3, fs.FEATURE_CHUNK_ROWS * 2):
+        part_feats, part_norms = fs.map_features(x[lo:lo + 8], mu, a)
+        assert torch.equal(part_feats, feats[lo:lo + 8]) and torch.equal(part_norms, norms[lo:lo + 8])

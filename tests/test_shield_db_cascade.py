@@ -123,3 +123,16 @@ def test_feature_index_rebuilds_its_cascade_after_rows_are_added():
     radius = float(np.sort(d, 1)[:, 3].max())
     assert set(np.nonzero((d <= radius).any(0))[0].tolist()) <= set(index.candidates(q, radius).tolist())
     assert len(index.cascade().first) == 3000
+
+
+def test_search_radius_sq_over_arrays_equals_one_call_per_query():
+    """The database screens a batch with one elementwise call; each value equals the scalar call's, bit for bit."""
+    rng = np.random.default_rng(3)
+    for scale in (1e-3, 1.0, 1e3):
+        radius, norms = rng.uniform(0, 50, 8) * scale, rng.uniform(0, 80, 8) * scale
+        max_norm = float(rng.uniform(0, 100)) * scale
+        max_sq = (max_norm * (1 + FEATURE_REL_ERROR)) ** 2
+        batch = search_radius_sq(radius, norms, max_norm, (norms * (1 + FEATURE_REL_ERROR)) ** 2, max_sq, 129)
+        one = [search_radius_sq(float(r), float(n), max_norm, float((n * (1 + FEATURE_REL_ERROR)) ** 2), max_sq, 129)
+               for r, n in zip(radius, norms)]
+        assert batch.dtype == np.float32 and batch.astype(np.float64).tolist() == one
