@@ -80,9 +80,10 @@ class DatabaseShields(IndexedSource):
         q = queries.detach().to("cpu", torch.float32).reshape(queries.shape[0], -1)
         if q.shape[1] != int(np.prod(self.item_shape)):
             raise ValueError(f"queries of shape {tuple(queries.shape[1:])} do not match shields of shape {self.item_shape}")
-        if not torch.isfinite(q).all():
+        q = q.numpy()
+        if not np.isfinite(q).all():
             raise ValueError("queries contain NaN or Inf")
-        return q.numpy()
+        return q
 
     def _candidate_rows(self, q: np.ndarray, radius: float | np.ndarray, device=None) -> np.ndarray:
         if not self.use_index:
