@@ -279,7 +279,8 @@ def breakdown(snap, variants: dict, x16: np.ndarray, radius: float, ivf, reps: i
     """Where a batch's time goes (median ms per batch of 8 over ``reps`` batches, one thread), next to the floors of
     each stage on this machine: the first pass's matrix product alone (no comparison), the same product as int8
     (``torch._int_mm``, 32 columns), a gather of as many random rows of the full features as the first pass keeps,
-    and IVF nprobe 10 on the same batches."""
+    and IVF nprobe 10 on the same batches. "Later levels" is the whole screen's time less its first pass's (timed just
+    before it on the same batch)."""
     rng, scratch = np.random.default_rng(17), np.ones(EVICT_BYTES // 8)
     lines = ["| stage (ms per batch of 8) | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     rows = {}
