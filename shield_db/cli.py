@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from . import manifest
-from .database import ShieldDatabase
+from .database import ShieldDatabase, check_index_dim
 from .snapshot import Snapshot
-from .transaction import maintenance_owed
+from .transaction import INDEX_DIM_KEY, maintenance_owed
 from .errors import DatabaseLockedError, ShieldDatabaseError
 from .folder import CACHE_DIR, database_folder, sync_folder
 from .images import RESIZE_MODES
@@ -91,7 +91,9 @@ def describe(path: Path, lock_timeout: float = 600.0) -> dict:
         "dead_rows": snap.rows - len(snap.live_rows), "item_shape": body["item_shape"],
         "latent_channels": body["latent_channels"], "dtype": body["dtype"], "target": body["target"],
         "vae_fingerprint": body["vae_fingerprint"], "shards": len(body["shards"]),
-        "index": None if body["index"] is None else {"rows": body["index"]["rows"], "dim": body["index"]["dim"] + 1},
+        "index": None if body["index"] is None else {"rows": body["index"]["rows"], "dim": body["index"]["dim"] + 1,
+                                                     "directions": body["index"]["dim"]},
+        "index_dim_chosen": body.get(INDEX_DIM_KEY),  # None: new writes use the default
         "skipped": len(body["skipped"]), "thumbnail_size": body["thumbnail_size"],
         "maintenance_owed": maintenance_owed(path, body),
         "bytes_on_disk": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
@@ -121,6 +123,30 @@ def cmd_verify(args) -> int:
             status = 1
         except ShieldDatabaseError as err:
             LOG.error("FAILED %s", err)
+            status = 1
+    return status
+
+
+def cmd_reindex(args) -> int:
+    """Refit each database's search index with ``--index-dim`` PCA directions and keep that choice for later writes
+    (the Shield Set Loader's syncs included). Exact either way; the directions only change the speed and memory."""
+    try:
+        check_index_dim(args.index_dim)
+    except ValueError as err:
+        LOG.error("error: --index-dim: %s", err)
+        return 2
+    status = 0
+    for path in databases(Path(args.path)):
+        try:
+            start = time.perf_counter()
+            with ShieldDatabase(path, lock_timeout=args.lock_timeout).writer(index_dim=args.index_dim):
+                pass
+            entry = manifest.load(path)["index"]
+            dim = "no index (fewer than 2 shields)" if entry is None else f"{entry['dim']} directions"
+            LOG.info("%s: indexed with %s in %.1f s; later writes keep %d", path, dim, time.perf_counter() - start,
+                     args.index_dim)
+        except DatabaseLockedError as err:
+            LOG.error("NOT RE-INDEXED %s (run reindex again when the build is done)", err)
             status = 1
     return status
 
@@ -172,6 +198,16 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--lock-timeout", type=float, default=600.0,
                        help="seconds to wait for a running build to release the database (default 600)")
         c.set_defaults(run=run)
+    r = sub.add_parser("reindex", help="refit the search index with another number of PCA directions (kept by later "
+                                       "writes)")
+    r.add_argument("path", help="a database folder, or an image folder with .shield_db/ databases")
+    r.add_argument("--index-dim", type=int, required=True,
+                   help="PCA directions of the search index (default of new databases: 128; 256 passes ~3x fewer "
+                        "candidates on real images and is ~13%% faster at 1M shields on a CPU, for twice the index's "
+                        "RAM and VRAM)")
+    r.add_argument("--lock-timeout", type=float, default=600.0,
+                   help="seconds to wait for a running build to release the database (default 600)")
+    r.set_defaults(run=cmd_reindex)
     return p
 
 

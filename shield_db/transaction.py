@@ -22,6 +22,8 @@ LOG = logging.getLogger("shielded_sampling")
 DEFAULT_SHARD_ROWS = 65536
 DEFAULT_COMMIT_ROWS = 256
 DEFAULT_INDEX_DIM = 128  # PCA directions; real images need more than 64 (docs/shield_db_real_images.md)
+INDEX_DIM_KEY = "index_dim"  # manifest key of a directions count chosen for this database (kept by later writers)
+INDEX_DIM_RANGE = (8, 1024)
 MERGE_RUN = 8
 MAINTENANCE = "maintenance_pending"  # manifest key: set by every commit before the last one of a writer
 
@@ -49,9 +51,11 @@ class Transaction:
     """Changes made under the writer lock; each :meth:`flush` is a crash-safe commit."""
 
     def __init__(self, folder: Path, body: dict, commit_rows: int = DEFAULT_COMMIT_ROWS,
-                 shard_rows: int = DEFAULT_SHARD_ROWS, index_dim: int = DEFAULT_INDEX_DIM):
+                 shard_rows: int = DEFAULT_SHARD_ROWS, index_dim: int | None = None):
         self.folder, self.body = folder, body
-        self.commit_rows, self.shard_rows, self.index_dim = commit_rows, shard_rows, index_dim
+        self.commit_rows, self.shard_rows = commit_rows, shard_rows
+        # PCA directions of the index: asked for here, else the database's stored choice (INDEX_DIM_KEY), else the default
+        self.index_dim = int(index_dim if index_dim is not None else body.get(INDEX_DIM_KEY, DEFAULT_INDEX_DIM))
         self.item_shape = tuple(body["item_shape"])
         self._initial = manifest.canonical(body)
         self._pending = []  # (source, sha, latent fp16, thumbnail or None, size, mtime_ns)

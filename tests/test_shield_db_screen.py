@@ -111,3 +111,56 @@ def test_database_indexed_with_another_basis_size_is_searched_then_refitted(tmp_
     assert new.snapshot.index.cascade().widths == (32,)
     both = np.concatenate([data, data[:1] + np.float16(0.5)])
     assert np.array_equal(new.within_rows(q, radius), brute_within(both, q, radius)[0])
+
+
+def test_a_chosen_number_of_directions_is_kept_by_later_writes(tmp_path):
+    """``writer(index_dim=256)`` (CLI ``reindex --index-dim 256``) refits and stores the choice: a later default writer
+    (a Shield Set Loader sync) keeps 256 without refitting; choosing 128 again switches back. Exact throughout."""
+    data = real_like(1200, seed=8)
+    db = make_db(tmp_path, data)
+    assert manifest.load(db.folder)["index"]["dim"] == 128 and "index_dim" not in manifest.load(db.folder)
+    with db.writer(index_dim=256):
+        pass
+    body = manifest.load(db.folder)
+    assert body["index"]["dim"] == 256 and body["index_dim"] == 256
+    files = {body["index"][key]["file"] for key in ("basis", "faiss")}
+    with db.writer():  # an empty default write changes nothing
+        pass
+    assert {manifest.load(db.folder)["index"][key]["file"] for key in ("basis", "faiss")} == files
+    with db.writer() as txn:  # new rows are added with the chosen basis
+        txn.add_batch(["extra"], ["e" * 64], data[:1] + np.float16(0.5))
+    body = manifest.load(db.folder)
+    assert body["index"]["dim"] == 256 and body["index"]["rows"] == 1201 and body["index_dim"] == 256
+    both = np.concatenate([data, data[:1] + np.float16(0.5)])
+    q = torch.from_numpy(data[:4].astype(np.float32)) + 0.05
+    radius = float(brute_within(both, q, 0)[1].sort(1).values[:, 4].max())
+    src = DatabaseShields(db.snapshot(), small_set_rows=0)
+    assert src.snapshot.index.cascade().widths == (32, 128)
+    assert np.array_equal(src.within_rows(q, radius), brute_within(both, q, radius)[0])
+    with db.writer(index_dim=128):
+        pass
+    assert manifest.load(db.folder)["index"]["dim"] == 128 and manifest.load(db.folder)["index_dim"] == 128
+
+
+@pytest.mark.parametrize("bad", [0, 7, 1025, 12.5, True, "256"])
+def test_an_impossible_number_of_directions_is_refused_before_anything_changes(tmp_path, bad):
+    db = make_db(tmp_path, real_like(50, seed=9))
+    before = (db.folder / manifest.MANIFEST_NAME).read_bytes()
+    with pytest.raises(ValueError, match=r"index_dim .* whole number in \[8, 1024\]"):
+        with db.writer(index_dim=bad):
+            pass
+    assert (db.folder / manifest.MANIFEST_NAME).read_bytes() == before
+
+
+def test_cli_reindex_refits_every_database_of_an_image_folder_and_reports_it(tmp_path, capsys):
+    from shield_db.cli import main
+    from shield_db.folder import CACHE_DIR
+    for name, seed in (("a", 10), ("b", 11)):
+        make_db(tmp_path / "images" / CACHE_DIR, real_like(600, seed=seed), name=name)
+    assert main(["reindex", str(tmp_path / "images"), "--index-dim", "64"]) == 0
+    for name in ("a", "b"):
+        body = manifest.load(tmp_path / "images" / CACHE_DIR / name)
+        assert body["index"]["dim"] == 64 and body["index_dim"] == 64
+    assert capsys.readouterr().out.count("indexed with 64 directions") == 2   # the CLI logs to stdout / stderr
+    assert main(["reindex", str(tmp_path / "images"), "--index-dim", "5000"]) == 2
+    assert "--index-dim" in capsys.readouterr().err
