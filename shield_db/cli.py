@@ -1,7 +1,7 @@
-"""Command line: ``python -m shield_db build|inspect|verify``.
+"""Command line: ``python -m shield_db build|inspect|verify|reindex``.
 
 ``build`` needs ComfyUI importable (run it with ComfyUI's Python and ``PYTHONPATH=<ComfyUI folder>``, from the
-pack's folder); ``inspect`` and ``verify`` need only this package.
+pack's folder); ``inspect``, ``verify`` and ``reindex`` need only this package.
 """
 from __future__ import annotations
 
