@@ -46,7 +46,7 @@ from shield_db.exact import pair_mask
 from shield_db.feature_index import PREFIX_WIDTHS, FeatureIndex
 from shield_db.projection import FEATURE_REL_ERROR, features, fit_basis, search_radius_sq
 from shield_db.source import DatabaseShields
-from shield_db.transaction import DEFAULT_INDEX_DIM
+from shield_db.transaction import DEFAULT_INDEX_DIM, INDEX_DIM_KEY
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 SHAPE = (1, 28, 28)
@@ -178,8 +178,10 @@ def screen_mb(index: FeatureIndex) -> float:
 
 
 def upgrade(db: ShieldDatabase) -> float | None:
-    """Refit a database indexed with another basis size (an empty write does it); seconds, or None if current."""
-    if db.snapshot(check_sha=False, load_index=False).body["index"]["dim"] == DEFAULT_INDEX_DIM:
+    """Refit a database an older release indexed with another basis size (an empty write does it); seconds, or None
+    if current or if its basis size was chosen (``shield_db reindex``: measured as chosen)."""
+    body = db.snapshot(check_sha=False, load_index=False).body
+    if body["index"]["dim"] == DEFAULT_INDEX_DIM or INDEX_DIM_KEY in body:
         return None
     t0 = time.perf_counter()
     with db.writer():
