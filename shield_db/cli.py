@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from . import manifest
-from .database import ShieldDatabase, check_index_dim
+from .database import ShieldDatabase
 from .snapshot import Snapshot
-from .transaction import INDEX_DIM_KEY, maintenance_owed
+from .transaction import INDEX_DIM_KEY, check_index_dim, maintenance_owed
 from .errors import DatabaseLockedError, ShieldDatabaseError
 from .folder import CACHE_DIR, database_folder, sync_folder
 from .images import RESIZE_MODES

@@ -28,7 +28,7 @@ from .checksums import stat_key
 from .errors import DatabaseLockedError, ReadOnlyDatabaseError, ShieldDatabaseError
 from .lock import database_lock
 from .snapshot import Snapshot
-from .transaction import INDEX_DIM_KEY, INDEX_DIM_RANGE, Transaction, maintenance_owed, referenced_files
+from .transaction import Transaction, check_index_dim, maintenance_owed, referenced_files
 
 LOG = logging.getLogger("shielded_sampling")
 _REFERENCED: dict[tuple, list] = {}
@@ -83,8 +83,6 @@ class ShieldDatabase:
                     f"for {int(size)} px (the ComfyUI and WebUI loaders use 48): build it with --thumbnail-size "
                     f"{body['thumbnail_size']}, or rebuild it to change the size")
             txn = Transaction(self.folder, body, index_dim=index_dim)
-            if index_dim is not None:
-                txn.body[INDEX_DIM_KEY] = int(index_dim)  # after the transaction noted the body: saved at finish
             txn.remove_unreferenced_files()
             yield txn
             txn.finish()
@@ -136,12 +134,3 @@ class ShieldDatabase:
             except OSError as exc:
                 digest.update(f"{name}:{exc.errno}".encode())
         return digest.hexdigest()
-
-
-def check_index_dim(index_dim) -> None:
-    """``index_dim`` must be a whole number of PCA directions in :data:`INDEX_DIM_RANGE`."""
-    lo, hi = INDEX_DIM_RANGE
-    if isinstance(index_dim, bool) or not isinstance(index_dim, int) or not lo <= index_dim <= hi:
-        raise ValueError(f"index_dim (PCA directions of the search index) must be a whole number in [{lo}, {hi}], "
-                         f"got {index_dim!r}; 128 is the default, 256 passes ~3x fewer candidates on real images "
-                         f"for twice the index's memory")

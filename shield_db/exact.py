@@ -4,7 +4,7 @@ A float32 screen around the queries' mean decides every pair its rounding bound 
 ``||q'||^2 + ||z'||^2 - 2 q'.z'`` is within ``2 gamma_{D+2} (||q'||^2 + ||z'||^2)`` of ``||q' - z'||^2``, and
 centring moves distances by at most ``u (||q - c|| + ||z - c||)``); the rest are recomputed by float64 differences
 and accepted at ``d^2 <= r^2 (1 + ACCEPT_REL)``. Used by the file database (``shield_db.source``) and the
-PostgreSQL source (``shield_db.postgres.verify``).
+PostgreSQL source (``shield_db.postgres.verify``), as are the float64 distances of their nearest-shield searches.
 """
 from __future__ import annotations
 
@@ -41,3 +41,20 @@ def pair_mask(q: np.ndarray, latents: np.ndarray, radius: float) -> torch.Tensor
             z64 = torch.from_numpy(raw[j].astype(np.float64))
             inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
     return inside
+
+
+def squared_distances(q: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """float64 ``[B, n]`` ``||q_b - z_j||^2`` by explicit differences, for queries ``q [B, D]`` and ``latents [n, ...]``."""
+    q64 = torch.from_numpy(np.asarray(q, np.float64))
+    z64 = torch.from_numpy(latents.reshape(len(latents), -1).astype(np.float64))
+    return torch.stack([(z64 - qb).square().sum(1) for qb in q64]).numpy()
+
+
+def keep_nearest(best: np.ndarray, best_row: np.ndarray, rows: np.ndarray, d2: np.ndarray) -> None:
+    """Fold a chunk's squared distances ``d2 [B, n]`` to ``rows [n]`` into each query's nearest so far (in place)."""
+    if d2.shape[1] == 0:
+        return
+    i = d2.argmin(1)
+    d = d2[np.arange(len(d2)), i]
+    better = d < best
+    best[better], best_row[better] = d[better], rows[i[better]]

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import torch
 
-from .exact import pair_mask
+from .exact import keep_nearest, pair_mask, squared_distances
 from .guidance_math import shields as _shields
 from .projection import FeatureScreen, feature_error, features
 from .snapshot import Snapshot
@@ -141,13 +141,10 @@ class DatabaseShields(IndexedSource):
 
     def _exact_sq(self, q: np.ndarray, rows: np.ndarray):
         """Yield ``(rows chunk, fp16 latents, squared distances [B, chunk] float64)``."""
-        q64 = torch.from_numpy(q.astype(np.float64))
         for start in range(0, len(rows), VERIFY_CHUNK_ROWS):
             part = rows[start:start + VERIFY_CHUNK_ROWS]
             z = self.snapshot.read_rows(part)
-            z64 = torch.from_numpy(z.reshape(len(part), -1).astype(np.float64))
-            d2 = torch.stack([(z64 - qb).square().sum(1) for qb in q64])
-            yield part, z, d2
+            yield part, z, squared_distances(q, z)
 
     def within_rows(self, queries: torch.Tensor, radius: float) -> np.ndarray:
         """Sorted live global rows within ``radius`` (closed ball) of at least one query; candidates are
@@ -189,10 +186,7 @@ class DatabaseShields(IndexedSource):
         best = np.full(len(q), np.inf)
         best_row = np.full(len(q), -1, np.int64)
         for part, _, d2 in self._exact_sq(q, rows):
-            i = d2.argmin(1).numpy()
-            d = d2[np.arange(len(q)), i].numpy()
-            better = d < best
-            best[better], best_row[better] = d[better], part[i[better]]
+            keep_nearest(best, best_row, part, d2)
         if self.use_index:   # the union holds every query's own candidates, so each nearest within reach is found
             beyond = best > reach * reach
             best[beyond], best_row[beyond] = np.inf, -1

@@ -43,6 +43,15 @@ def unreferenced_files(folder: Path, body: dict) -> list[Path]:
     return found + list(folder.glob(f".{manifest.MANIFEST_NAME}.*.tmp"))
 
 
+def check_index_dim(index_dim) -> None:
+    """``index_dim`` must be a whole number of PCA directions in :data:`INDEX_DIM_RANGE`."""
+    lo, hi = INDEX_DIM_RANGE
+    if isinstance(index_dim, bool) or not isinstance(index_dim, int) or not lo <= index_dim <= hi:
+        raise ValueError(f"index_dim (PCA directions of the search index) must be a whole number in [{lo}, {hi}], "
+                         f"got {index_dim!r}; 128 is the default, 256 passes ~3x fewer candidates on real images "
+                         f"for twice the index's memory")
+
+
 def maintenance_owed(folder: Path, body: dict) -> bool:
     return bool(body.get(MAINTENANCE)) or bool(unreferenced_files(folder, body))
 
@@ -54,10 +63,12 @@ class Transaction:
                  shard_rows: int = DEFAULT_SHARD_ROWS, index_dim: int | None = None):
         self.folder, self.body = folder, body
         self.commit_rows, self.shard_rows = commit_rows, shard_rows
-        # PCA directions of the index: asked for here, else the database's stored choice (INDEX_DIM_KEY), else the default
+        # PCA directions of the index: asked for here (then stored, kept by later writers), else the stored choice
         self.index_dim = int(index_dim if index_dim is not None else body.get(INDEX_DIM_KEY, DEFAULT_INDEX_DIM))
         self.item_shape = tuple(body["item_shape"])
         self._initial = manifest.canonical(body)
+        if index_dim is not None:
+            self.body[INDEX_DIM_KEY] = self.index_dim  # a change of the body: saved when the writer finishes
         self._pending = []  # (source, sha, latent fp16, thumbnail or None, size, mtime_ns)
         self._reindex_items()
 

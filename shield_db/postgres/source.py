@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from ..exact import keep_nearest, squared_distances
 from ..projection import features
 from ..source import MAX_HITS, IndexedSource
 from .cells import reach, sql_limit, touched_cells
@@ -166,15 +167,9 @@ class PostgresShields(IndexedSource):
         bounds = np.array([min(self._upper_bound(q[b:b + 1], fq[b]), reach) for b in range(len(q))])
         rows, z = self._candidates(q, self._rho(q, bounds))
         best, best_row = np.full(len(q), np.inf), np.full(len(q), -1, np.int64)
-        q64 = q.astype(np.float64)
-        flat = z.reshape(len(z), math.prod(self.item_shape))
         for start in range(0, len(rows), NEAREST_CHUNK_ROWS):
-            z64 = flat[start:start + NEAREST_CHUNK_ROWS].astype(np.float64)
-            for b in range(len(q)):
-                d2 = ((z64 - q64[b]) ** 2).sum(1)
-                i = int(d2.argmin())
-                if d2[i] < best[b]:
-                    best[b], best_row[b] = d2[i], rows[start + i]
+            part = slice(start, start + NEAREST_CHUNK_ROWS)
+            keep_nearest(best, best_row, rows[part], squared_distances(q, z[part]))
         beyond = best > reach * reach
         best[beyond], best_row[beyond] = np.inf, -1
         index = np.where(best_row >= 0, np.searchsorted(self.rows, best_row), -1)
