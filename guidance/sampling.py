@@ -25,7 +25,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .shields import ConcatShields, TensorShields
+from .shield_views import ConcatShields
+from .shields import TensorShields
 from .spell import sparse_repellency
 from .spell_record import OutputRecord, SpellReport, step_record
 

@@ -25,7 +25,9 @@ import torch
 
 from ..guidance import history as spell_history
 from ..guidance import spell
-from ..guidance.shields import ConcatShields, ExcludedShields, ShieldSource, model_space, resample_mismatch
+from ..guidance.shield_resample import resample_mismatch
+from ..guidance.shield_views import ConcatShields, ExcludedShields, model_space
+from ..guidance.shields import ShieldSource
 from ..guidance.spell_record import OutputRecord, SpellReport, step_record
 from ..guidance.window import SigmaWindow
 from .hooks import WRAPPERS, check_percents, sigma_window

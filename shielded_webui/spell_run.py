@@ -13,8 +13,8 @@ import math
 import torch
 
 from guidance import history, spell
+from guidance.shield_views import AffineShields, ConcatShields, ExcludedShields
 from guidance.spell_record import OutputRecord, SpellReport, step_record
-from guidance.shields import AffineShields, ConcatShields, ExcludedShields
 from guidance.window import SigmaWindow
 
 from .settings import SCRIPT, DEFAULT_HISTORY_CAP, INIT_EXCLUDE, ShieldedSettings, raw_radius

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from guidance import history
-from guidance.shields import (NOT_MAPPABLE, AffineShields, ConcatShields, ExcludedShields, ShieldSource, TensorShields,
-                              all_latents, model_space, resample_latents)
+from guidance.shield_resample import all_latents, resample_latents
+from guidance.shield_views import AffineShields, ConcatShields, ExcludedShields, model_space
+from guidance.shields import NOT_MAPPABLE, ShieldSource, TensorShields
 from shield_db.database import ShieldDatabase
 from shield_db.postgres.source import PostgresShields
 from shield_db.source import DatabaseShields

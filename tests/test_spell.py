@@ -6,7 +6,8 @@ import torch
 
 from guidance import kernels, spell
 from guidance import shields as shields_mod
-from guidance.shields import AffineShields, ConcatShields, TensorShields
+from guidance.shield_views import AffineShields, ConcatShields
+from guidance.shields import TensorShields
 from guidance.spell import sparse_repellency
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from guidance import spell
-from guidance.shields import (ExcludedShields, TensorShields, resample_latents, resampled_source)
+from guidance.shield_resample import resample_latents
+from guidance.shield_views import ExcludedShields
+from guidance.shields import TensorShields, resampled_source
 
 
 def half_movable(shape):

@@ -64,8 +64,8 @@ def conds(fam):
 
 
 def resize(latent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The comparison the hook makes for another pass size (guidance.shields.resample_latents)."""
-    from comfyui_shielded_sampling.guidance.shields import resample_latents
+    """The comparison the hook makes for another pass size (guidance.shield_resample.resample_latents)."""
+    from comfyui_shielded_sampling.guidance.shield_resample import resample_latents
     return resample_latents(latent, tuple(like.shape[-2:]))
 
 
