@@ -42,7 +42,7 @@ import torch
 
 from shield_db.cascade import CHUNK_ROWS, fold_queries, folded_pass, prefix_features, squared_norms
 from shield_db.database import ShieldDatabase
-from shield_db.exact import pair_mask
+from shield_db.exact import within_any
 from shield_db.feature_index import PREFIX_WIDTHS, FeatureIndex
 from shield_db.projection import FEATURE_REL_ERROR, features, fit_basis, search_radius_sq
 from shield_db.source import DatabaseShields
@@ -309,7 +309,7 @@ def breakdown(snap, variants: dict, x16: np.ndarray, radius: float, ivf, reps: i
             t3 = time.perf_counter()
             z = snap.read_rows(cand)
             t4 = time.perf_counter()
-            pair_mask(q, z, radius)
+            within_any(torch.from_numpy(q), z, radius)
             t5 = time.perf_counter()
             t["query features"].append(t1 - t0)
             t["first pass (folded product, compare, keep)"].append(t2 - t1)

@@ -16,7 +16,7 @@ Debian's binaries, ``cube`` features) and times the ingest (COPY in commits of 8
 the build separately. ``measure`` opens everything in one process and runs, interleaved on the same batches of 8:
 
 - ``device``: ``guidance.feature_screen.FeatureScreen`` over the 129-number features (one matmul per batch, CPU
-  torch here; on a GPU the same code), then the exact check of the candidates (``shield_db.exact.pair_mask``);
+  torch here; on a GPU the same code), then the exact check of the candidates (``shield_db.exact.within_any``, on the queries' device);
 - ``index``: ``DatabaseShields.within_rows`` as it searches CPU queries today (cascade screen, same check);
 - ``faiss``: FAISS ``IndexFlatL2.range_search`` over the same features, same check;
 - ``postgres``: ``PostgresShields.within_rows`` on the prefix (its own queries, drawn from the prefix).
@@ -238,7 +238,7 @@ def pg_cells(src, q: np.ndarray, radius: float) -> list[int]:
 
 
 def verified(source, q: np.ndarray, cand: np.ndarray, radius: float) -> np.ndarray:
-    hits = [part[inside] for part, inside in source._verified(q, cand, radius)]
+    hits = [part[inside] for part, inside in source._verified(torch.from_numpy(q), cand, radius)]
     return np.concatenate(hits) if hits else np.zeros(0, np.int64)
 
 

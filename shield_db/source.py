@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import torch
 
-from .exact import keep_nearest, pair_mask, squared_distances
+from .exact import keep_nearest, squared_distances, within_any
 from .guidance_math import shields as _shields
 from .projection import FeatureScreen, feature_error, features
 from .snapshot import Snapshot
@@ -36,7 +36,8 @@ class IndexedSource:
 
     def on_device(self, device):
         """Itself: searched where it is stored (a file database builds its device screen on the first query from
-        an accelerator; PostgreSQL screens on the server); candidates are verified on the CPU."""
+        an accelerator; PostgreSQL screens on the server); candidates are read on the CPU and verified on the
+        queries' device."""
         return self
 
     def resampled(self, item_shape: tuple):
@@ -148,23 +149,25 @@ class DatabaseShields(IndexedSource):
 
     def within_rows(self, queries: torch.Tensor, radius: float) -> np.ndarray:
         """Sorted live global rows within ``radius`` (closed ball) of at least one query; candidates are
-        verified by :func:`shield_db.exact.pair_mask` (float32 with a rigorous bound, float64 where in doubt)."""
+        verified by :func:`shield_db.exact.within_any` on the queries' device (float32 with a rigorous bound for
+        that device, float64 where in doubt)."""
         if not math.isfinite(radius) or radius < 0:
             raise ValueError(f"radius must be finite and >= 0, got {radius}")
         q = self._queries(queries)
         cand = self._candidate_rows(q, radius, queries.device)
-        hits = [part[inside] for part, inside in self._verified(q, cand, radius)]
+        check = torch.from_numpy(q).to(queries.device)
+        hits = [part[inside] for part, inside in self._verified(check, cand, radius)]
         found = np.concatenate(hits) if hits else np.zeros(0, np.int64)
         if len(found) > MAX_HITS:
             raise ValueError(f"radius {radius} puts {len(found)} shields (more than {MAX_HITS}) within reach of the "
                              f"queries; lower the radius")
         return found
 
-    def _verified(self, q: np.ndarray, rows: np.ndarray, radius: float):
-        """Yield ``(rows chunk, bool mask of rows within radius of a query)``: float32 screen, float64 on doubt."""
+    def _verified(self, q: torch.Tensor, rows: np.ndarray, radius: float):
+        """Yield ``(rows chunk, bool mask of rows within radius of a query)``, checked on ``q``'s device."""
         for start in range(0, len(rows), VERIFY_CHUNK_ROWS):
             part = rows[start:start + VERIFY_CHUNK_ROWS]
-            yield part, pair_mask(q, self.snapshot.read_rows(part), radius).any(0).numpy()
+            yield part, within_any(q, self.snapshot.read_rows(part), radius)
 
     def within(self, queries: torch.Tensor, radius: float) -> torch.Tensor:
         rows = self.within_rows(queries, radius)

@@ -186,3 +186,24 @@ def test_map_features_is_the_same_map_for_one_chunk_and_many_and_leaves_its_inpu
     for lo in (0, fs.FEATURE_CHUNK_ROWS - 3, fs.FEATURE_CHUNK_ROWS * 2):
         part_feats, part_norms = fs.map_features(x[lo:lo + 8], mu, a)
         assert torch.equal(part_feats, feats[lo:lo + 8]) and torch.equal(part_norms, norms[lo:lo + 8])
+
+
+def test_database_check_runs_the_shared_exact_test_and_decides_open_pairs_in_float64(tmp_path, monkeypatch):
+    """shield_db verifies candidates with guidance.feature_screen.within_mask, on the queries' device, with that
+    device's rounding bound: a bfloat16-wide bound leaves most pairs open, and float64 must decide each of them."""
+    data = clustered(800, seed=10)
+    snap = make_db(tmp_path, data.numpy()).snapshot()
+    q = torch.cat([with_exact_radius(data, [20, 21, 400]), data[500:505].float() + 0.3])
+    reference = {r: DatabaseShields(snap, small_set_rows=0).within_rows(q, r) for r in (2.0, 5.0)}
+    calls = []
+    real = fs.within_mask
+    monkeypatch.setattr(fs, "within_mask", lambda queries, *a, **k: calls.append(queries) or real(queries, *a, **k))
+    monkeypatch.setattr(fs, "input_roundoff", lambda device: 2.0 ** -8)
+    for small_set_rows in (0, 10_000):                   # through the index, and the whole set without it
+        src = DatabaseShields(snap, small_set_rows=small_set_rows)
+        for r in (2.0, 5.0):
+            rows = src.within_rows(q, r)
+            assert set(rows.tolist()) == brute_within(data, q, r) and np.array_equal(rows, reference[r])
+        assert {20, 21, 400} <= set(src.within_rows(q[:3], 2.0).tolist())           # exactly at the radius
+        assert 20 not in set(src.within_rows(q[:1], 2.0 * (1 - 1e-6)).tolist())
+    assert calls and all(c.dtype == torch.float32 and c.device == q.device for c in calls)

@@ -21,13 +21,12 @@ import math
 import numpy as np
 import torch
 
-from ..exact import keep_nearest, squared_distances
+from ..exact import keep_nearest, squared_distances, within_any
 from ..projection import features
 from ..source import MAX_HITS, IndexedSource
 from .cells import reach, sql_limit, touched_cells
 from .errors import ShieldQueryError, require_psycopg
 from .store import read_basis, read_meta
-from .verify import within_mask
 
 NEAREST_PROBE = 16
 NEAREST_CHUNK_ROWS = 2048
@@ -143,7 +142,7 @@ class PostgresShields(IndexedSource):
             empty = np.zeros(0, np.int64)
             return (empty, np.zeros((0, *self.item_shape), np.float16)) if with_latents else empty
         rows, z = self._candidates(q, self._rho(q, radius))
-        inside = within_mask(q, z.reshape(len(z), math.prod(self.item_shape)), radius)
+        inside = within_any(torch.from_numpy(q).to(queries.device), z, radius)
         order = np.argsort(rows[inside], kind="stable")
         rows, z = rows[inside][order], z[inside][order]
         if len(rows) > MAX_HITS:
