@@ -193,7 +193,8 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
     ``u (||q - c|| + ||z - c||)`` plus ``||q - fl32(q)||``, and ``d2`` from ``||q' - z'||^2`` by at most
     ``2 (phi + 4u)(||q'||^2 + ||z'||^2)`` (:func:`dot_error_factor`); pairs the bounds cannot decide are
     recomputed in float64 on the CPU from the exact inputs. With ``rows`` (int64 indices into ``shields``) only
-    those shields are checked, gathered chunk by chunk (one copy each, centred in place).
+    those shields are checked, gathered chunk by chunk (one copy each, centred in place). The device does only
+    float32 work (the ``[B, chunk]`` products and norms); every float64 step runs on the CPU (MPS has no float64).
     """
     q = queries.float()
     device = q.device
@@ -201,8 +202,10 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
     qc = q - centre
     qc_sq = qc.square().sum(1)
     g = max(dot_error_factor(q.shape[1], device), gamma(q.shape[1] + 2, U32)) + 4 * U32
-    q_len = qc_sq.double().sqrt() * (1 + 2 * g)
-    q_round = (queries.double() - q.double()).norm(dim=1) * (1 + 1e-6)
+    qc_sq_cpu = qc_sq.cpu()
+    q_len = qc_sq_cpu.double().sqrt() * (1 + 2 * g)
+    q64 = queries.detach().to("cpu", torch.float64)
+    q_round = (q64 - q.cpu().double()).norm(dim=1) * (1 + 1e-6)
     count = shields.shape[0] if rows is None else rows.numel()
     out = torch.zeros(count, dtype=torch.bool)
     for start in range(0, count, chunk_rows):
@@ -214,18 +217,18 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
             zc = shields.index_select(0, index).to(device=device, dtype=torch.float32)   # a fresh copy
         zc.sub_(centre)
         zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
-        scale = (qc_sq[:, None] + zc_sq[None, :]).double()
-        d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).double()
+        d2_32 = qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)
+        zc_sq = zc_sq.cpu()
+        scale = (qc_sq_cpu[:, None] + zc_sq[None, :]).double()
+        d2 = d2_32.cpu().double()
         slack = 2 * g * scale * (1 + 4 * g) + 1e-300
         shift = U32 * (q_len[:, None] + zc_sq.double().sqrt()[None, :] * (1 + 2 * g)) + q_round[:, None]
         upper = (d2 + slack).sqrt() + shift
         lower = (d2 - slack).clamp_min(0).sqrt() - shift
-        inside = (upper <= radius).cpu()
-        unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL)).cpu()).nonzero().tolist()
-        if unsure:
-            q64 = queries.detach().to("cpu", torch.float64)
-            for b, j in unsure:
-                z64 = shields[index[j]].detach().to("cpu", torch.float64).reshape(-1)
-                inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
+        inside = upper <= radius
+        unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
+        for b, j in unsure:
+            z64 = shields[index[j]].detach().to("cpu", torch.float64).reshape(-1)
+            inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
         out[start:start + zc.shape[0]] = inside.any(0)
     return out
