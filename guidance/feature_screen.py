@@ -203,32 +203,30 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
     qc_sq = qc.square().sum(1)
     g = max(dot_error_factor(q.shape[1], device), gamma(q.shape[1] + 2, U32)) + 4 * U32
     qc_sq_cpu = qc_sq.cpu()
-    q_len = qc_sq_cpu.double().sqrt() * (1 + 2 * g)
+    q_len = qc_sq_cpu.double().sqrt_().mul_(1 + 2 * g)
     q64 = queries.detach().to("cpu", torch.float64)
-    q_round = (q64 - q.cpu().double()).norm(dim=1) * (1 + 1e-6)
+    if queries.dtype != torch.float32:
+        q_len += (q64 - q.cpu().double()).norm(dim=1).mul_(1 + 1e-6).div_(U32)   # ||q - fl32(q)||, in units of u
     count = shields.shape[0] if rows is None else rows.numel()
     out = torch.zeros(count, dtype=torch.bool)
     for start in range(0, count, chunk_rows):
         if rows is None:
-            index = torch.arange(start, min(count, start + chunk_rows), device=shields.device)
             zc = shields[start:start + chunk_rows].to(device=device, dtype=torch.float32, copy=True)
         else:
-            index = rows[start:start + chunk_rows].to(shields.device)
-            zc = shields.index_select(0, index).to(device=device, dtype=torch.float32)   # a fresh copy
+            zc = shields.index_select(0, rows[start:start + chunk_rows].to(shields.device)).to(
+                device=device, dtype=torch.float32)   # a fresh copy
         zc.sub_(centre)
         zc_sq = torch.linalg.vector_norm(zc, dim=1).square()
-        d2_32 = qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)
+        d2 = (qc_sq[:, None] + zc_sq[None, :] - 2 * (qc @ zc.T)).cpu().double()
         zc_sq = zc_sq.cpu()
-        scale = (qc_sq_cpu[:, None] + zc_sq[None, :]).double()
-        d2 = d2_32.cpu().double()
-        slack = 2 * g * scale * (1 + 4 * g) + 1e-300
-        shift = U32 * (q_len[:, None] + zc_sq.double().sqrt()[None, :] * (1 + 2 * g)) + q_round[:, None]
-        upper = (d2 + slack).sqrt() + shift
-        lower = (d2 - slack).clamp_min(0).sqrt() - shift
-        inside = upper <= radius
-        unsure = ((~inside) & (lower <= radius * (1 + ACCEPT_REL))).nonzero().tolist()
+        slack = (qc_sq_cpu[:, None] + zc_sq[None, :]).double().mul_(2 * g).mul_(1 + 4 * g).add_(1e-300)
+        shift = zc_sq.double().sqrt_().mul_(1 + 2 * g)[None, :].add(q_len[:, None]).mul_(U32)
+        inside = (d2 + slack).sqrt_().add_(shift) <= radius
+        lower = (d2 - slack).clamp_min_(0).sqrt_().sub_(shift)
+        unsure = (lower <= radius * (1 + ACCEPT_REL)).logical_and_(~inside).nonzero().tolist()
         for b, j in unsure:
-            z64 = shields[index[j]].detach().to("cpu", torch.float64).reshape(-1)
+            row = start + j if rows is None else int(rows[start + j])
+            z64 = shields[row].detach().to("cpu", torch.float64).reshape(-1)
             inside[b, j] = float((z64 - q64[b]).square().sum()) <= radius * radius * (1 + ACCEPT_REL)
         out[start:start + zc.shape[0]] = inside.any(0)
     return out
