@@ -111,6 +111,13 @@ def negative_prompting(base: torch.Tensor, neg: torch.Tensor, lam: float) -> tor
     return negative_guidance(base, neg, float(lam))
 
 
+def cpu64(value) -> torch.Tensor:
+    """A tensor or number as a float64 tensor on the CPU (a number converted directly, not through float32)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64)
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
 def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
     """A scalar or ``[B]`` value as a ``[B, 1, ...]`` float64 tensor broadcastable against ``like``."""
     t = torch.as_tensor(value, dtype=torch.float64, device=like.device).reshape(-1)
@@ -203,11 +210,11 @@ def validate_params(params: DngParams) -> None:
 class PosteriorTracker:
     """Per-sample log-posterior ``log p(c- | x_t)`` tracked along one sampling run (Algorithm 2, staggered)."""
 
-    def __init__(self, params: DngParams, batch: int, device=None):
+    def __init__(self, params: DngParams, batch: int):
         self.params = params
         lo, hi = math.log(params.p_min), math.log(params.p_max)
         start = min(max(math.log(params.prior), lo), hi)
-        self.log_p = torch.full((batch,), start, dtype=torch.float64, device=device)
+        self.log_p = torch.full((batch,), start, dtype=torch.float64)
         self._prev = None  # (x_ve, sigma_ve [B], mu-ready denoised base, denoised neg) of the previous call
 
     @property
@@ -215,13 +222,14 @@ class PosteriorTracker:
         return self.log_p.exp()
 
     def observe(self, x, sigma, denoised_base, denoised_neg, alpha=1.0) -> torch.Tensor:
-        """Fold the transition that led to ``x`` into the posterior, remember this call; returns ``p`` for this step."""
-        if self.log_p.device != x.device:
-            self.log_p = self.log_p.to(x.device)
+        """Fold the transition that led to ``x`` into the posterior, remember this call; returns ``p [B]`` (float64,
+        CPU) for this step. The tracker's float64 state lives on the CPU whatever the sampling device (MPS has no
+        float64): each call copies the state and both predictions there."""
+        x, denoised_base, denoised_neg, sigma, alpha = map(cpu64, (x, denoised_base, denoised_neg, sigma, alpha))
         x_ve, sigma_ve = ve_state(x, sigma, alpha)
         if self._prev is not None:
             self._update(x_ve, sigma_ve)
-        self._prev = (x_ve, sigma_ve.clone(), denoised_base.double(), denoised_neg.double())
+        self._prev = (x_ve, sigma_ve.clone(), denoised_base, denoised_neg)
         return self.posterior
 
     def _update(self, x_next, sigma_next):

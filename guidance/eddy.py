@@ -41,8 +41,9 @@ from .kernels import median_bandwidth, pairwise_sq_distances
 
 
 def kernel_weights(e: torch.Tensor, bandwidth=None) -> torch.Tensor:
-    """``W_ij = exp(-||e_i - e_j||^2 / h)`` for ``i != j``, 0 on the diagonal (``h``: median rule when None)."""
-    d2 = pairwise_sq_distances(e.flatten(1).double())
+    """``W_ij = exp(-||e_i - e_j||^2 / h)`` for ``i != j``, 0 on the diagonal (``h``: median rule when None); float64
+    on the CPU, where the whole ``[N, N]`` construction runs (MPS has no float64)."""
+    d2 = pairwise_sq_distances(e.detach().flatten(1).to("cpu", torch.float64))
     h = median_bandwidth(e, d2) if bandwidth is None else torch.as_tensor(float(bandwidth), dtype=d2.dtype)
     weights = torch.exp(-d2 / h.clamp_min(torch.finfo(d2.dtype).tiny))
     return weights.fill_diagonal_(0)
