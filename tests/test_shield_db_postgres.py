@@ -231,3 +231,22 @@ def test_pgvector_features_on_pgserver_are_exact():
         assert src.nearest(queries)[1].tolist() == d.argmin(1).tolist()
     finally:
         s.close()
+
+
+def test_queries_from_an_accelerator_are_checked_there_with_the_cpu_answers(server):
+    """The candidates fetched from PostgreSQL are checked on the queries' device (tests/fake_accelerator.py stands
+    in for MPS: no float64 there, no mixed devices) and give the CPU's rows and latents."""
+    from fake_accelerator import OnAccelerator, fake_accelerator, to_device
+    data = clustered(600, SHAPE).astype(np.float16)
+    src = make_store(server.dsn(), data).source()
+    queries = torch.from_numpy(data[:4].astype(np.float32)) + 0.3
+    _, dist = brute_within(data, queries, 0)
+    radius = float(dist.sort(1).values[:, 4].max())
+    with fake_accelerator():
+        rows = src.within_rows(to_device(queries), radius)
+        found = src.within(to_device(queries), radius)
+        _, nearest = src.nearest(to_device(queries), reach=radius)
+    expect, _ = brute_within(data, queries, radius)
+    assert torch.equal(nearest.cpu(), src.nearest(queries, reach=radius)[1])
+    assert np.array_equal(rows, expect) and np.array_equal(rows, src.within_rows(queries, radius))
+    assert isinstance(found, OnAccelerator) and torch.equal(found.cpu(), src.within(queries, radius))
