@@ -9,7 +9,8 @@ Tensors "on" it are CPU tensors of :class:`OnAccelerator`, whose ``device`` read
 
 ``.to("mps")``, ``device="mps"`` factories and ``.cpu()`` / ``.to("cpu")`` move between the two. The check is on
 the calls the code makes, not on kernels: timings and device rounding are not emulated (``input_roundoff`` of
-``mps`` applies, as on the real device).
+``mps`` applies, as on the real device). ``torch.func.jvp`` strips tensor subclasses, so inside it nothing is
+checked; its outputs are put back on the device.
 """
 from __future__ import annotations
 
@@ -45,62 +46,78 @@ def _flat(values):
             yield v
 
 
-def _plain(t):
-    return t.as_subclass(torch.Tensor) if isinstance(t, OnAccelerator) else t
-
-
-def _unwrap(values):
-    if isinstance(values, (list, tuple)):
-        return type(values)(_unwrap(v) for v in values)
-    if isinstance(values, dict):
-        return {k: _unwrap(v) for k, v in values.items()}
-    return _plain(values)
-
-
-def _wrap(result):
-    if isinstance(result, torch.Tensor):
-        if result.dtype == torch.float64:
+def _refuse_float64(result):
+    for r in _flat([result]):
+        if isinstance(r, OnAccelerator) and r.dtype == torch.float64:
             raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support "
                             "float64 (fake accelerator)")
-        return result.as_subclass(OnAccelerator)
-    if isinstance(result, (list, tuple)):
-        return type(result)(_wrap(r) for r in result)
     return result
 
 
+def _host(result):
+    return result.as_subclass(torch.Tensor) if isinstance(result, OnAccelerator) else result
+
+
 class _Mode(TorchFunctionMode):
+    """Operations on device tensors run as themselves (the subclass carries its outputs, autograd included);
+    only device moves, float64 results, mixed devices and host reads are handled here."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         tensors = [a for a in _flat(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)]
         on_device = any(isinstance(t, OnAccelerator) for t in tensors)
-        target = kwargs.get("device", next((a for a in args[1:] if _is_device(a) or a == "cpu"
-                                             or isinstance(a, torch.device)), None))
-        if name in ("device", "is_cuda", "shape", "dtype", "ndim", "__len__", "dim", "numel", "size",
-                    "is_floating_point", "element_size", "stride", "is_contiguous", "data_ptr", "requires_grad"):
+        target = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+        if name in METADATA:
             return func(*args, **kwargs)
         if name == "numpy" and on_device:
             raise TypeError("can't convert mps:0 device type tensor to numpy. Use Tensor.cpu() (fake accelerator)")
         if name == "cpu" or (name == "to" and target is not None and not _is_device(target)):
-            return func(*_unwrap(args), **_unwrap(kwargs))
-        if (name == "to" and _is_device(target)) or _is_device(target):
+            return _host(func(*args, **kwargs))
+        if _is_device(target):
             kwargs = {k: ("cpu" if k == "device" else v) for k, v in kwargs.items()}
             args = tuple("cpu" if _is_device(a) else a for a in args)
-            return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+            result = func(*args, **kwargs)
+            return _refuse_float64(result if isinstance(result, OnAccelerator) else result.as_subclass(OnAccelerator))
         if on_device:
             mixed = [t for t in tensors if not isinstance(t, OnAccelerator) and t.dim() > 0]
             if mixed:
                 raise RuntimeError(f"{name}: expected all tensors to be on the same device, got mps and cpu "
                                    f"(shapes {[tuple(t.shape) for t in mixed]}; fake accelerator)")
-            return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+            return _refuse_float64(func(*args, **kwargs))
         return func(*args, **kwargs)
+
+
+METADATA = {"device", "is_cuda", "shape", "dtype", "ndim", "__len__", "dim", "numel", "size", "is_floating_point",
+            "element_size", "stride", "is_contiguous", "data_ptr", "requires_grad", "grad_fn", "is_leaf"}
+
+
+def _jvp_keeping_the_device(jvp):
+    """``torch.func.jvp`` strips tensor subclasses: run it on host views and put its outputs back on the device
+    when its primals were there (the function inside is then not checked)."""
+    def wrapped(func, primals, tangents, *args, **kwargs):
+        on_device = any(isinstance(p, OnAccelerator) for p in _flat(list(primals) + list(tangents)))
+        out = jvp(func, tuple(_host(p) for p in primals), tuple(_host(p) for p in tangents), *args, **kwargs)
+        return _to_device_all(out) if on_device else out
+    return wrapped
+
+
+def _to_device_all(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device_all(v) for v in value)
+    return _refuse_float64(value.as_subclass(OnAccelerator)) if isinstance(value, torch.Tensor) else value
 
 
 @contextlib.contextmanager
 def fake_accelerator():
     """Check every torch call inside the block as an MPS device would (see the module docstring)."""
-    with _Mode():
-        yield DEVICE
+    jvp = torch.func.jvp
+    torch.func.jvp = _jvp_keeping_the_device(jvp)
+    try:
+        with _Mode():
+            yield DEVICE
+    finally:
+        torch.func.jvp = jvp
 
 
 def to_device(t: torch.Tensor) -> OnAccelerator:

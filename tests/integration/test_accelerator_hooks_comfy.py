@@ -80,3 +80,20 @@ def test_dng_guidance_on_the_accelerator(monkeypatch, comfy_nodes, pack, tiny_mo
             again = guide(session, replay, *(on_device(fake, t) for t in (x, sigma, d_base, d_concept, denoised)))
         assert isinstance(again, fake.OnAccelerator) and torch.equal(again.cpu(), result.float())
         assert torch.equal(replay.tracker.log_p, after.log_p)
+
+
+@pytest.mark.parametrize("mode", ["particle guidance", "EDDY drift (paper form)"])
+@pytest.mark.parametrize("space", ["latent", "pooled NxN", "colour", "edges"])
+def test_particle_and_eddy_drift_corrections_on_the_accelerator(monkeypatch, comfy_nodes, pack, tiny_model, mode,
+                                                                  space):
+    fake = stand_in()
+    particle_nodes, patch_mod = h.pack_submodule("nodes.particle_nodes"), h.pack_submodule("nodes.particle_patch")
+    calls, correction = recording(monkeypatch, patch_mod.PredictionPatch, "correction")
+    model = particle_nodes.ParticleGuidance().apply(tiny_model, mode, 1.0, space, 2, 0.0, 0.0, 1.0,
+                                                    "independent")[0]
+    h.ksample(comfy_nodes, model, h.empty_latent(3), seed=3, steps=STEPS)
+    assert len(calls) >= STEPS
+    for patch, (denoised, x, sigma), _, _, result in calls:
+        with fake.fake_accelerator():
+            again = correction(patch, on_device(fake, denoised), on_device(fake, x), sigma)
+        assert isinstance(again, fake.OnAccelerator) and torch.equal(again.cpu(), result)
