@@ -57,7 +57,8 @@ def percent_to_sigma(alphas_cumprod: torch.Tensor, percent: float) -> float:
         return math.inf
     if percent >= 1.0:
         return 0.0
-    log_sigmas = (((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()).log()
+    alphas = alphas_cumprod.detach().to("cpu", torch.float64)   # the model's buffer may sit on MPS (no float64)
+    log_sigmas = (((1 - alphas) / alphas).sqrt()).log()
     t = (1.0 - percent) * (len(log_sigmas) - 1)
     low, w = int(math.floor(t)), t - math.floor(t)
     high = min(low + 1, len(log_sigmas) - 1)

@@ -1,6 +1,8 @@
 """The guidance math and the shield sources on an accelerator without float64 (MPS), checked on this CPU-only
 machine through tests/fake_accelerator.py: no float64 tensor on the device, no operation mixing devices, no host
 read of device memory, and the same answers as on the CPU."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,13 @@ def test_diversity_noise_and_particle_guidance():
     assert torch.equal(coupled.cpu(), eddy.eddy_noise(z, 0.5, embedded=e)) and not torch.equal(coupled.cpu(), z)
     assert torch.equal(grid.cpu(), eddy.exact_marginal_noise(z, 1.0, grid=2))
     assert torch.equal(pg.delta.cpu(), particle_guidance(e, 0.5).delta)
+
+
+def test_webui_percent_window_reads_the_models_schedule_from_the_device():
+    """A1111/Forge keep ``alphas_cumprod`` with the model, on MPS on a Mac: the window's sigmas come from a float64
+    CPU copy."""
+    from shielded_webui.a1111_hook import percent_to_sigma
+    alphas = torch.linspace(0.9999, 0.005, 1000)
+    with fake_accelerator():
+        on_mac = [percent_to_sigma(to_device(alphas), p) for p in (0.0, 0.3, 0.75, 1.0)]
+    assert on_mac == [percent_to_sigma(alphas, p) for p in (0.0, 0.3, 0.75, 1.0)] and 0 < on_mac[1] < math.inf
