@@ -42,22 +42,32 @@ def on_device(fake, value):
     return fake.to_device(value.float()) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
 
-@pytest.mark.parametrize("intra_batch", [False, True])
-def test_spell_correction_and_report_on_the_accelerator(monkeypatch, comfy_nodes, pack, tiny_model, intra_batch):
+@pytest.mark.parametrize("case", ["shields", "shields + intra-batch", "inpainting"])
+def test_spell_correction_and_report_on_the_accelerator(monkeypatch, comfy_nodes, pack, tiny_model, case):
     fake = stand_in()
     spell_nodes, hook = h.pack_submodule("nodes.spell_nodes"), h.pack_submodule("nodes.spell_hook")
+    intra_batch = case == "shields + intra-batch"
+    radius = 12.0 if case == "inpainting" else 0.4    # RMS; the random model's inpainted halves land ~9 RMS away
     latent = h.empty_latent(3)
     plain = h.ksample(comfy_nodes, tiny_model, latent, seed=5, steps=STEPS)["samples"]
     shields = spell_nodes.LatentsToShieldSet().build({"samples": plain}, "accel")[0]
+    if case == "inpainting":              # sample again from the shields' own latents, the right half masked
+        mask = torch.zeros(3, *plain.shape[-2:])
+        mask[..., plain.shape[-1] // 2:] = 1.0
+        latent = {"samples": plain.clone(), "noise_mask": mask}
     calls, correct = recording(monkeypatch, hook.SpellPatch, "correct")
     spell_nodes.SpellSampler().sample(tiny_model, 5, STEPS, 5.0, "euler", "normal", h.conditioning(1),
-                                      h.conditioning(2), latent, 1.0, radius=0.4, overcompensation=1.0,
+                                      h.conditioning(2), latent, 1.0, radius=radius, overcompensation=1.0,
                                       intra_batch=intra_batch, history=False, history_name="accel",
                                       history_size=16, start_percent=0.0, end_percent=1.0, exact=False,
                                       shield_set=shields)
     assert calls and any(not torch.equal(args[1], result) for _, args, _, _, result in calls)   # SPELL moved some
     assert any(kwargs.get("final") for _, _, kwargs, _, _ in calls)                            # the t = 0 step too
+    assert (case == "inpainting") == all(run.mask is not None for _, (run, *_), _, _, _ in calls)
     for patch, (run, x0_hat, x_t, sigma), kwargs, _, result in calls:
+        for name in ("mask", "last_mask", "kept"):     # attach_inputs puts them on the noise's device
+            if getattr(run, name) is not None and not isinstance(getattr(run, name), fake.OnAccelerator):
+                setattr(run, name, fake.to_device(getattr(run, name)))
         with fake.fake_accelerator():
             again = correct(patch, run, on_device(fake, x0_hat), on_device(fake, x_t), sigma, **kwargs)
             patch.record_outputs(run, on_device(fake, again))
