@@ -1,4 +1,5 @@
-"""SPELL's and DNG's per-step hooks with the sampler's tensors on an accelerator without float64 (MPS).
+"""The per-step hooks of SPELL, DNG and particle guidance / EDDY drift with the sampler's tensors on an accelerator
+without float64 (MPS).
 
 A real ComfyUI run on the CPU records each hook call (its run state and inputs, and what the hook returned); the
 same calls are then replayed with their tensors on ``tests/fake_accelerator.py``'s stand-in device, which refuses
