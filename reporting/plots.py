@@ -294,6 +294,14 @@ def output_lines(report, record, shield_label) -> tuple[list[str], tuple]:
     return lines, INSIDE if inside else OUTSIDE
 
 
+def nearest_placeholder(record) -> str:
+    """What the nearest-shield tile says without a thumbnail: a shield without one, an earlier output (history
+    has no thumbnails), or nothing within the search's reach."""
+    if record.nearest_shield >= 0:
+        return "no thumbnail"
+    return "earlier output" if math.isfinite(record.distance) else "no shield"
+
+
 def fit(image: np.ndarray | None, size: int) -> Image.Image | None:
     if image is None:
         return None
@@ -355,8 +363,7 @@ def draw_output_row(fig, draw, report, rec, row, y, tile, outputs, thumbnails, s
     out_img = fit(outputs[rec.index], tile) if outputs is not None and rec.index < len(outputs) else None
     paste_tile(fig, draw, out_img, 16, y, tile, frame, f"output{row}", fnt, "no image")
     shield_img = fit(thumbnails.get(rec.nearest_shield), tile) if rec.nearest_shield >= 0 else None
-    missing = "no thumbnail" if rec.nearest_shield >= 0 else "no shield"
-    paste_tile(fig, draw, shield_img, 32 + tile, y, tile, frame, f"shield{row}", fnt, missing)
+    paste_tile(fig, draw, shield_img, 32 + tile, y, tile, frame, f"shield{row}", fnt, nearest_placeholder(rec))
     for k, text in enumerate(lines):
         colour = frame if text in ("INSIDE the shield", "outside every shield") and frame != NEUTRAL else INK
         draw_text(fig, draw, (48 + 2 * tile, y + 4 + 20 * k), text, fnt, fill=colour, name=f"row{row}_line{k}")

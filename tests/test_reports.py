@@ -163,6 +163,8 @@ def test_shield_panel_tiles_frames_and_text():
     assert "INSIDE the shield" in fig.legend
     assert "nearest: an earlier output (history)" in fig.legend
     assert "no shield within 2 r" in fig.legend                            # shields exist, none within reach
+    assert [plots.nearest_placeholder(o) for o in rep.outputs] == ["no thumbnail", "no thumbnail",
+                                                                     "earlier output", "no shield"]
     assert_text_drawn(fig, "row0_line2", "distance 0.2344 rms (30 L2) = 1.17 r")
     assert_text_drawn(fig, "row1_line4", "INSIDE the shield")
 
