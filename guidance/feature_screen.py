@@ -204,8 +204,9 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
     g = max(dot_error_factor(q.shape[1], device), gamma(q.shape[1] + 2, U32)) + 4 * U32
     qc_sq_cpu = qc_sq.cpu()
     q_len = qc_sq_cpu.double().sqrt_().mul_(1 + 2 * g)
-    q64 = queries.detach().to("cpu", torch.float64)
+    q64 = None   # the exact queries on the host: only for float64 queries and for pairs the bound leaves open
     if queries.dtype != torch.float32:
+        q64 = queries.detach().to("cpu", torch.float64)
         q_len += (q64 - q.cpu().double()).norm(dim=1).mul_(1 + 1e-6).div_(U32)   # ||q - fl32(q)||, in units of u
     count = shields.shape[0] if rows is None else rows.numel()
     out = torch.zeros(count, dtype=torch.bool)
@@ -224,6 +225,8 @@ def within_mask(queries: torch.Tensor, shields: torch.Tensor, radius: float,
         inside = (d2 + slack).sqrt_().add_(shift) <= radius
         lower = (d2 - slack).clamp_min_(0).sqrt_().sub_(shift)
         unsure = (lower <= radius * (1 + ACCEPT_REL)).logical_and_(~inside).nonzero().tolist()
+        if unsure and q64 is None:
+            q64 = queries.detach().to("cpu", torch.float64)
         for b, j in unsure:
             row = start + j if rows is None else int(rows[start + j])
             z64 = shields[row].detach().to("cpu", torch.float64).reshape(-1)
