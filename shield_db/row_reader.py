@@ -116,6 +116,13 @@ class RowReader:
                 left.append(i)
         return left
 
+    def read_all(self) -> np.ndarray:
+        """The whole tensor, as a new array (one sequential read)."""
+        out = np.empty(self.shape, dtype=self.dtype)
+        if out.nbytes:
+            self._read_runs(memoryview(out.reshape(-1).view(np.uint8)), [0], [0], [self.shape[0]])
+        return out
+
     def read(self, rows: np.ndarray) -> np.ndarray:
         """``tensor[rows]`` for sorted in-range ``rows``, as a new array."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -13,6 +13,7 @@ from .checksums import verified_sha256
 from .errors import CorruptDatabaseError
 from .feature_index import FeatureIndex
 from .manifest import ROW, SOURCE
+from .resident import ResidentRows
 from .row_reader import OpenFile, RowReader
 from .storage import read_safetensors_header, tensor_layout
 
@@ -86,6 +87,23 @@ class Snapshot:
         for start in range(index.rows, self.rows, FEATURE_CHUNK_ROWS):  # an interrupted build: catch up in memory
             index.add(self.read_rows(np.arange(start, min(self.rows, start + FEATURE_CHUNK_ROWS))))
         return index
+
+    def hold_latents(self, budget: int) -> int:
+        """Hold shards' latents in RAM, in order while they fit in ``budget`` bytes (:mod:`shield_db.resident`);
+        returns the bytes held."""
+        held = 0
+        for shard in self.shards:
+            reader = shard.latent_reader
+            if not isinstance(reader, ResidentRows) and held + reader.row_bytes * shard.rows > budget:
+                break
+            if not isinstance(reader, ResidentRows):
+                shard.latent_reader = ResidentRows(reader)
+            held += shard.latent_reader.nbytes
+        total = sum(s.latent_reader.row_bytes * s.rows for s in self.shards)
+        if held < total:
+            LOG.info("shield_db: %s: %.0f of %.0f MB of latents held in RAM (budget %.0f MB); the rest are read at "
+                     "each search", self.folder, held / 2**20, total / 2**20, budget / 2**20)
+        return held
 
     def _gather(self, rows: np.ndarray, field: str, shape: tuple, dtype) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)

@@ -11,6 +11,7 @@ import torch
 from .exact import keep_nearest, squared_distances, within_any
 from .guidance_math import shields as _shields
 from .projection import FeatureScreen, feature_error, features
+from .resident import resident_budget
 from .snapshot import Snapshot
 
 NOT_MAPPABLE = _shields.NOT_MAPPABLE
@@ -59,11 +60,16 @@ class DatabaseShields(IndexedSource):
     that device's matmul rounding). Queries on the CPU use the index's own cascade CPU screen, which is faster
     there. ``screen="index"``: always the index's CPU screen (also the fallback when the stored features cannot
     be read back).
+
+    ``resident_bytes`` (default :func:`shield_db.resident.resident_budget`, 1 GB): up to that many bytes of the
+    snapshot's latents are held in RAM, so candidates are gathered, not read from the shards.
     """
 
-    def __init__(self, snapshot: Snapshot, small_set_rows: int = DEFAULT_SMALL_SET_ROWS, screen: str = "device"):
+    def __init__(self, snapshot: Snapshot, small_set_rows: int = DEFAULT_SMALL_SET_ROWS, screen: str = "device",
+                 resident_bytes: int | None = None):
         if screen not in SCREENS:
             raise ValueError(f"screen must be one of {list(SCREENS)}, got {screen!r}")
+        snapshot.hold_latents(resident_budget() if resident_bytes is None else resident_bytes)
         self.snapshot = snapshot
         self.item_shape = snapshot.item_shape
         self.rows = snapshot.live_rows
