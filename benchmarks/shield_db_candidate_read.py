@@ -4,7 +4,8 @@ no longer does there (issue #18 item 2).
 Since the candidates are checked on the queries' device (``shield_db.exact.within_any``), a GPU run keeps on the
 CPU only the query features and the positioned reads of the candidates' fp16 latents. This measures both, and the
 CPU check for comparison, on a database of random SD-shaped latents (4x32x32 = 4096 dims, 8 KB per row, 3,554
-candidates per batch as in the 1M side-by-side run), warm page cache, one and two torch threads:
+candidates per batch as in the 1M side-by-side run), warm page cache, one and two torch threads; and the same rows
+gathered from latents held in RAM (``shield_db.resident``, as a set within the budget is searched):
 
     python -m benchmarks.shield_db_candidate_read [--rows 200000] [--candidates 3554] [--reps 9]
 
@@ -52,17 +53,21 @@ def main():
     parser.add_argument("--reps", type=int, default=9)
     args = parser.parse_args()
     snap = database(args.rows).snapshot(check_sha=False)
+    held = database(args.rows).snapshot(check_sha=False)
+    held.hold_latents(1 << 62)
     rng = np.random.default_rng(1)
     out = {"rows": snap.rows, "candidates": args.candidates, "reps": args.reps, "load_start": os.getloadavg()[0]}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        times = {"query_features": [], "read_warm": [], "cpu_check": []}
+        times = {"query_features": [], "read_warm": [], "gather_held": [], "cpu_check": []}
         for _ in range(args.reps):
             rows = np.sort(rng.choice(snap.rows, args.candidates, replace=False))
             snap.read_rows(rows)  # the candidates' pages in the page cache, as in a run's later steps
             t0 = time.perf_counter()
             z = snap.read_rows(rows)
             t1 = time.perf_counter()
+            held.read_rows(rows)
+            times["gather_held"].append(time.perf_counter() - t1)
             q = z[:8].reshape(8, -1).astype(np.float32) + np.float32(0.01)
             t2 = time.perf_counter()
             features(q, snap.index.mu, snap.index.a)

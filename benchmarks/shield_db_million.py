@@ -223,6 +223,7 @@ def main():
     t0 = time.perf_counter()
     source = DatabaseShields(db.snapshot(check_sha=False))
     open_s = time.perf_counter() - t0
+    source.snapshot.wait_held()  # measured searches start from the steady state (latents held up to the budget)
     after_open = rss_mb()
     snap = source.snapshot
     while not args.skip_ivf and (ROOT / "ivf.building").exists() and not (ROOT / "ivf_record.json").exists():

@@ -54,7 +54,9 @@ def build_file_db(data: np.ndarray) -> tuple[DatabaseShields, float]:
     with db.writer(item_shape=million.ITEM_SHAPE) as w:
         w.commit_rows = COMMIT_ROWS
         w.add_batch([f"s{i}" for i in range(len(data))], [f"{i:064x}" for i in range(len(data))], data)
-    return DatabaseShields(db.snapshot(check_sha=False)), time.perf_counter() - t0
+    source = DatabaseShields(db.snapshot(check_sha=False))
+    source.snapshot.wait_held()  # the steady state: latents held in RAM up to the budget
+    return source, time.perf_counter() - t0
 
 
 def build_postgres(data: np.ndarray, n_servers: int, port0: int) -> dict:

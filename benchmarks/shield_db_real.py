@@ -9,8 +9,9 @@ nearest shield (the query's own image and ~5 neighbours). Truth: float64 distanc
 
 Rows of the table, all in this one process, interleaved on the same batches (a random order per batch, the CPU
 caches flushed before each method by streaming 256 MB, so none inherits the rows the one before it touched):
-shield_db as built (its default feature map and cascade screen; a database indexed by an older release is first
-upgraded by an empty write, timed), the previous release (128 directions, its two-pass screen), ablations (other
+shield_db as built (its default feature map and cascade screen, its latents held in RAM within the default budget
+of ``shield_db.resident``; a database indexed by an older release is first upgraded by an empty write, timed), the
+same reading every candidate from the shards (budget 0), the previous release (128 directions, its two-pass screen), ablations (other
 basis sizes ``k`` with today's cascade; ``k=64`` also with the FAISS range search of the release before), flat,
 IVF (nlist = sqrt N).
 ``--repeats R`` times each method R times per batch (caches flushed before each) and keeps the least, so a
@@ -56,6 +57,7 @@ COPY_NOISE = 0.01
 CHUNK = 65536
 RESULTS = Path(__file__).resolve().parent / "results"
 EVICT_BYTES = 256 << 20
+DISK = "  shield_db, latents read from the shards at each search (resident budget 0)"
 COARSE_DIM = PREFIX_WIDTHS[0]  # the first level's width: the previous release's coarse pass and the cells
 VARIANTS = [(0, 0, False)] + [(dy, dx, f) for f in (False, True) for dy, dx in
                               ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (0, 2))] + [(0, 0, True)]
@@ -277,12 +279,13 @@ def cells_of_database(index, x16: np.ndarray, radius: float) -> list[str]:
     return out
 
 
-def breakdown(snap, variants: dict, x16: np.ndarray, radius: float, ivf, reps: int) -> list[str]:
+def breakdown(snap, disk, variants: dict, x16: np.ndarray, radius: float, ivf, reps: int) -> list[str]:
     """Where a batch's time goes (median ms per batch of 8 over ``reps`` batches, one thread), next to the floors of
     each stage on this machine: the first pass's matrix product alone (no comparison), the same product as int8
     (``torch._int_mm``, 32 columns), a gather of as many random rows of the full features as the first pass keeps,
     and IVF nprobe 10 on the same batches. "Later levels" is the whole screen's time less its first pass's (timed just
-    before it on the same batch)."""
+    before it on the same batch). "Candidates read" gathers them from the latents held in RAM; "from the shards" reads
+the same rows with one ``preadv`` each (the snapshot ``disk`` holds nothing), after the caches are flushed again."""
     rng, scratch = np.random.default_rng(17), np.ones(EVICT_BYTES // 8)
     lines = ["| stage (ms per batch of 8) | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     rows = {}
@@ -292,7 +295,7 @@ def breakdown(snap, variants: dict, x16: np.ndarray, radius: float, ivf, reps: i
         n = len(cascade.first)
         int8_rows, int8_q = torch.zeros((n, 32), dtype=torch.int8), torch.ones((32, 8), dtype=torch.int8)
         t = {k: [] for k in ("query features", "first pass (folded product, compare, keep)", "later levels "
-                             "(gathers and passes)", "candidates read", "exact check", "floor: first pass product "
+                             "(gathers and passes)", "candidates read", "exact check", "candidates read from the shards", "floor: first pass product "
                              "alone", "floor: same product in int8 (torch._int_mm)", "floor: gather of the first "
                              "pass's survivors", "IVF nprobe 10", "first-pass survivors", "candidates")}
         for _ in range(reps):
@@ -316,6 +319,10 @@ def breakdown(snap, variants: dict, x16: np.ndarray, radius: float, ivf, reps: i
             t["later levels (gathers and passes)"].append(max(0.0, (t3 - t2) - (t2 - t1)))
             t["candidates read"].append(t4 - t3)
             t["exact check"].append(t5 - t4)
+            evict_caches(scratch)
+            t0 = time.perf_counter()
+            disk.read_rows(cand)
+            t["candidates read from the shards"].append(time.perf_counter() - t0)
             t["first-pass survivors"].append(len(kept) * 1e-3)
             t["candidates"].append(len(cand) * 1e-3)
             evict_caches(scratch)
@@ -375,6 +382,8 @@ def main():
     upgrade_s = upgrade(db)
     source = DatabaseShields(db.snapshot(check_sha=False))
     snap = source.snapshot
+    snap.wait_held()
+    held_mb = sum(s.latent_reader.array.nbytes for s in snap.shards if hasattr(s.latent_reader, "array")) / 1e6
     x16 = all_rows(snap)
     if args.cells:
         rng = np.random.default_rng(7)  # the same probe queries, hence the same radius, as the timed run
@@ -408,7 +417,7 @@ def main():
         chosen = {f"k={own.a.shape[1]}, as built": own, **{f"k={k}": index_of_dim(x16, k) for k in args.dims}}
         for index in chosen.values():
             index.candidates(probe[:8], radius)  # the screen's arrays are built on first search
-        lines = breakdown(snap, chosen, x16, radius, ivf, args.reps)
+        lines = breakdown(snap, DatabaseShields(db.snapshot(check_sha=False), resident_bytes=0).snapshot, chosen, x16, radius, ivf, args.reps)
         head = (f"{len(x16)} rows, radius {radius:.3f}, {args.reps} batches of 8, one thread, load average "
                 f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
         print(head + "\n\n" + "\n".join(lines))
@@ -435,8 +444,10 @@ def main():
         t0 = time.perf_counter()
         v.candidates(probe[:8], radius)
         arrays_s[name] = time.perf_counter() - t0
+    disk = DatabaseShields(db.snapshot(check_sha=False), resident_bytes=0)
+    disk.snapshot.index = own
     ivfs = [f"ivf{n}" for n in args.nprobe]
-    methods = list(variants) + ["flat"] + ivfs
+    methods = list(variants) + [DISK, "flat"] + ivfs
     stats = {m: {"t": [], "cpu": [], "found": 0, "extra": 0, "cand": []} for m in methods}
     n_true = 0
 
@@ -445,6 +456,8 @@ def main():
         if m in variants:
             snap.index = variants[m]
             call = lambda: source.within_rows(torch.from_numpy(q), radius)  # noqa: E731
+        elif m == DISK:
+            call = lambda: disk.within_rows(torch.from_numpy(q), radius)  # noqa: E731
         elif m == "flat":
             call = lambda: flat.range_search(q, radius * radius)[2]  # noqa: E731
         else:
@@ -473,8 +486,8 @@ def main():
             stats[m]["cpu"].append(cpu)
             stats[m]["found"] += len(found & ref)
             stats[m]["extra"] += len(found - ref)
-            if m in variants:
-                stats[m]["cand"].append(len(variants[m].candidates(q, radius)))
+            if m in variants or m == DISK:
+                stats[m]["cand"].append(len(variants.get(m, own).candidates(q, radius)))
         print(f"rep {rep}: {len(ref)} true hits; " + ", ".join(f"{m.strip()} {1e3 * stats[m]['t'][-1]:.1f}ms" for m in methods),
               flush=True)
     snap.index = own
@@ -483,11 +496,12 @@ def main():
     names = {"flat": "flat (`IndexFlatL2`)"}
     names.update({m: f"IVF nprobe {m[3:]}" + (f" (nlist {nlist})" if i == 0 else "") for i, m in enumerate(ivfs)})
     lines = ["| method | recall | missed | ms / batch of 8 (median) | x flat | CPU ms / batch | x flat (CPU) | "
-             "candidates / batch | screen RAM MB | build s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    memory = {m: screen_mb(v) for m, v in variants.items()}
+             "candidates / batch | RAM MB (screen + latents held) | build s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    memory = {m: screen_mb(v) + held_mb for m, v in variants.items()}
+    memory[DISK] = screen_mb(own)
     memory.update({"flat": flat.ntotal * DIM * 4 / 1e6, ivfs[0]: ivf.ntotal * DIM * 4 / 1e6})
     for m in methods:
-        build_time = builds.get(m, flat_build if m == "flat" else ivf_build)
+        build_time = builds.get(m, build_s if m == DISK else flat_build if m == "flat" else ivf_build)
         cand = f"{np.median(stats[m]['cand']):.0f}" if stats[m]["cand"] else ""
         mem = f"{memory[m]:.0f}" if m in memory else ""
         lines.append(f"| {names.get(m, m)} | {stats[m]['found'] / max(1, n_true):.3f} | {n_true - stats[m]['found']} | "

@@ -42,6 +42,7 @@ def open_shield_set():
     shield_set = host.pack_submodule("nodes.shield_set")
     snapshot = database.ShieldDatabase(million.ROOT / "db").snapshot(check_sha=False)
     source = source_mod.DatabaseShields(snapshot)
+    snapshot.wait_held()  # the steady state: latents held in RAM up to the budget
     source.snapshot.index.cascade()
     return shield_set.ShieldSet(source, name="1M synthetic"), source
 

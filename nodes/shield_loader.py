@@ -151,7 +151,10 @@ class ShieldSetLoader:
         snapshot = ShieldDatabase(result.database).snapshot()
         _LOADED.setdefault((str(path), width, height, resize), {})[result.database] = \
             ShieldDatabase(result.database).committed_state()
-        source = DatabaseShields(snapshot)
+        try:
+            source = DatabaseShields(snapshot)
+        except ValueError as err:  # a bad SHIELDED_SAMPLING_RESIDENT_MB
+            raise ValueError(f"{NODE}: {err}") from None
         name = f"{path.name} ({len(source)} images)"
         LOG.info("%s: %s: %s", NODE, path, result.summary())
         labels = [display_name(s) for s in snapshot.live_sources]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -88,22 +89,45 @@ class Snapshot:
             index.add(self.read_rows(np.arange(start, min(self.rows, start + FEATURE_CHUNK_ROWS))))
         return index
 
-    def hold_latents(self, budget: int) -> int:
-        """Hold shards' latents in RAM, in order while they fit in ``budget`` bytes (:mod:`shield_db.resident`);
-        returns the bytes held."""
-        held = 0
+    def hold_latents(self, budget: int, wait: bool = True) -> int:
+        """Hold shards' latents in RAM, whole shards in order while they fit in ``budget`` bytes
+        (:mod:`shield_db.resident`); returns the bytes planned. With ``wait=False`` a background thread fills them
+        (:meth:`wait_held`) and searches read the shards until each copy is complete."""
+        plan, planned = [], 0
         for shard in self.shards:
-            reader = shard.latent_reader
-            if not isinstance(reader, ResidentRows) and held + reader.row_bytes * shard.rows > budget:
+            size = shard.latent_reader.row_bytes * shard.rows
+            if planned + size > budget:
                 break
-            if not isinstance(reader, ResidentRows):
-                shard.latent_reader = ResidentRows(reader)
-            held += shard.latent_reader.nbytes
+            plan.append(shard)
+            planned += size
         total = sum(s.latent_reader.row_bytes * s.rows for s in self.shards)
-        if held < total:
+        if planned < total:
             LOG.info("shield_db: %s: %.0f of %.0f MB of latents held in RAM (budget %.0f MB); the rest are read at "
-                     "each search", self.folder, held / 2**20, total / 2**20, budget / 2**20)
-        return held
+                     "each search", self.folder, planned / 2**20, total / 2**20, budget / 2**20)
+        if wait:
+            self._fill(plan)
+        elif plan:
+            self._holding = threading.Thread(target=self._fill, args=(plan,), name="shield_db-hold", daemon=True)
+            self._holding.start()
+        return planned
+
+    def wait_held(self, timeout: float | None = None) -> bool:
+        """Wait for a background :meth:`hold_latents`; True when it has finished."""
+        holding = getattr(self, "_holding", None)
+        if holding is not None:
+            holding.join(timeout)
+            return not holding.is_alive()
+        return True
+
+    def _fill(self, shards: list) -> None:
+        for shard in shards:
+            if isinstance(shard.latent_reader, ResidentRows):
+                continue
+            try:
+                shard.latent_reader = ResidentRows(shard.latent_reader)
+            except (CorruptDatabaseError, MemoryError) as exc:  # searches keep reading the shard, and report it there
+                LOG.warning("shield_db: %s: latents not held in RAM: %s", self.folder, exc)
+                return
 
     def _gather(self, rows: np.ndarray, field: str, shape: tuple, dtype) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)

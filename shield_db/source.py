@@ -62,14 +62,16 @@ class DatabaseShields(IndexedSource):
     be read back).
 
     ``resident_bytes`` (default :func:`shield_db.resident.resident_budget`, 1 GB): up to that many bytes of the
-    snapshot's latents are held in RAM, so candidates are gathered, not read from the shards.
+    snapshot's latents are held in RAM, so candidates are gathered, not read from the shards. The copy is filled
+    in the background (opening stays as fast as before); until it is complete searches read the shards, with the
+    same results (``snapshot.wait_held()`` waits for it).
     """
 
     def __init__(self, snapshot: Snapshot, small_set_rows: int = DEFAULT_SMALL_SET_ROWS, screen: str = "device",
                  resident_bytes: int | None = None):
         if screen not in SCREENS:
             raise ValueError(f"screen must be one of {list(SCREENS)}, got {screen!r}")
-        snapshot.hold_latents(resident_budget() if resident_bytes is None else resident_bytes)
+        snapshot.hold_latents(resident_budget() if resident_bytes is None else resident_bytes, wait=False)
         self.snapshot = snapshot
         self.item_shape = snapshot.item_shape
         self.rows = snapshot.live_rows

@@ -102,7 +102,10 @@ def load(path: Path, vae, width: int, height: int, batch_size: int = 8):
     shape = latent_shape(vae, width, height)
     result = sync_folder(path, vae_encoder(vae), shape, width, height, RESIZE, vae_fingerprint(vae),
                          batch_size=batch_size, thumbnail_size=THUMBNAIL_SIZE)
-    source = DatabaseShields(ShieldDatabase(result.database).snapshot())
+    try:
+        source = DatabaseShields(ShieldDatabase(result.database).snapshot())
+    except ValueError as err:  # a bad SHIELDED_SAMPLING_RESIDENT_MB
+        raise SettingsError(f"{SCRIPT}: {err}") from None
     if len(source) == 0:
         raise SettingsError(f"{SCRIPT}: 'Shield folder' {path} holds no usable image ({result.summary()}); add "
                             f"images (png/jpg/webp) or clear the field")

@@ -199,3 +199,22 @@ def test_cli_build_is_reused_by_the_node(comfy_nodes, loader, shields_root, tmp_
     finally:
         restore()
     assert calls == [] and len(shield_set) == 5 and "broken.png" in report
+
+
+def test_loaded_set_is_held_in_ram_within_the_budget(comfy_nodes, loader, tiny_vae, shields_root, monkeypatch):
+    """The loader's set gathers its latents from RAM (the stored bytes); a budget of 0 reads them from the shards,
+    and a budget that is not a number stops the node with the variable's name and the fix."""
+    rng = np.random.default_rng(8)
+    write_images(shields_root / "held_ram", [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(5)])
+    resident = h.pack_submodule("shield_db.resident")
+    monkeypatch.delenv(resident.RESIDENT_MB_ENV, raising=False)
+    held, _ = load(loader, "held_ram", tiny_vae)
+    monkeypatch.setenv(resident.RESIDENT_MB_ENV, "0")
+    on_disk, _ = load(loader, "held_ram", tiny_vae)
+    assert held.source.snapshot.wait_held(timeout=60)   # filled in the background after the node returned
+    assert all(isinstance(s.latent_reader, resident.ResidentRows) for s in held.source.snapshot.shards)
+    assert not any(isinstance(s.latent_reader, resident.ResidentRows) for s in on_disk.source.snapshot.shards)
+    assert torch.equal(held.source.latents(range(5)), on_disk.source.latents(range(5)))
+    monkeypatch.setenv(resident.RESIDENT_MB_ENV, "1GB")
+    with pytest.raises(ValueError, match="Shield Set Loader: SHIELDED_SAMPLING_RESIDENT_MB='1GB'.*unset it"):
+        load(loader, "held_ram", tiny_vae)
