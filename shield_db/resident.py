@@ -3,20 +3,20 @@
 A search reads a few hundred to a few thousand scattered rows per model evaluation. From the page cache each
 costs one ``preadv`` (~1-2 us, most of the time of a 60k-shield search); after the host has loaded a model the
 page cache may no longer hold them, and each becomes a disk read. Rows held in RAM cost a memory copy. The
-copy is read once, through the descriptor the snapshot checked, so it is the verified version of the shard, and a
-later change to the file cannot reach it (the Shield Set Loader sees the change and loads the set again).
+copy is read once, through the descriptor the snapshot checked, so it is the version of the shard the snapshot
+verified, and a later change to the file cannot reach it (the Shield Set Loader sees the change and loads the set
+again). ``Snapshot.hold_latents`` fills it, for a searched set in a background thread: until a shard's copy is
+complete, searches read that shard, with the same bytes.
 
 The budget is per opened set, in MB: :data:`RESIDENT_MB_ENV` overrides :data:`DEFAULT_RESIDENT_MB`, 0 turns it
 off. Shards are held in order while they fit; the rest are read from disk at each search.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
 
-LOG = logging.getLogger("shielded_sampling")
 RESIDENT_MB_ENV = "SHIELDED_SAMPLING_RESIDENT_MB"
 DEFAULT_RESIDENT_MB = 1024
 
