@@ -122,9 +122,10 @@ def test_start_coupling_replaces_the_starting_noise(script_module, sd_model):
     assert any("start noise coupled on a 2x2 grid" in c for c in g.p.comments)
 
 
-def test_shield_folder_encoded_by_the_checkpoint_vae(script_module, sd_model):
+def test_shield_folder_encoded_by_the_checkpoint_vae(script_module, sd_model, monkeypatch):
     """End to end through shield_db: PNGs under models/shields/ encoded by the host's own VAE class (Forge's tiny
-    model carries a real one), cached, and every output kept outside them."""
+    model carries a real one), cached, held in RAM, and every output kept outside them; a memory budget that is
+    not a number stops the script with its name and the fix."""
     if getattr(sd_model.forge_objects, "vae", None) is None:
         pytest.skip("this host's tiny model has no VAE (reForge's UNet-only stand-in); Forge runs this test")
     import numpy as np
@@ -153,6 +154,13 @@ def test_shield_folder_encoded_by_the_checkpoint_vae(script_module, sd_model):
     dist = torch.cdist(out.flatten(1).double(), shields.flatten(1).double())
     assert dist.min().item() >= r * (1 - RTOL)
     assert g.p.shielded_sampling_state.runs[-1].shield_count == 3
+    assert source.snapshot.wait_held(timeout=60)
+    assert all(hasattr(shard.latent_reader, "array") for shard in source.snapshot.shards)  # held in RAM
+    from shielded_webui import shield_folder
+    from shielded_webui.settings import SettingsError
+    monkeypatch.setenv("SHIELDED_SAMPLING_RESIDENT_MB", "lots")
+    with pytest.raises(SettingsError, match="SHIELDED_SAMPLING_RESIDENT_MB='lots'.*unset it"):
+        shield_folder.load(folder, sd_model.forge_objects.vae, 64, 64)
 
 
 def test_hires_second_pass_gets_its_own_run_at_its_own_size(script_module, sd_model):
