@@ -40,14 +40,9 @@ class ResidentRows:
     """The rows of a ``RowReader`` held in RAM, with the reader's ``read`` (a new array each call)."""
 
     def __init__(self, reader):
-        self.path, self.database = reader.path, reader.database
-        self.shape, self.dtype, self.row_bytes = reader.shape, reader.dtype, reader.row_bytes
+        self.row_bytes = reader.row_bytes
         self.array = reader.read_all()
         self.array.flags.writeable = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.array.nbytes
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """``tensor[rows]`` for sorted in-range ``rows``, as a new array."""

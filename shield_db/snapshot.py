@@ -76,6 +76,7 @@ class Snapshot:
             first_source.setdefault(int(it[ROW]), it[SOURCE])
         self.live_sources = [first_source[int(r)] for r in self.live_rows]
         self.index = self._load_index() if load_index else None
+        self._holding = None    # the thread filling held latents (hold_latents(wait=False))
 
     def _load_index(self):
         entry = self.body["index"]
@@ -113,10 +114,9 @@ class Snapshot:
 
     def wait_held(self, timeout: float | None = None) -> bool:
         """Wait for a background :meth:`hold_latents`; True when it has finished."""
-        holding = getattr(self, "_holding", None)
-        if holding is not None:
-            holding.join(timeout)
-            return not holding.is_alive()
+        if self._holding is not None:
+            self._holding.join(timeout)
+            return not self._holding.is_alive()
         return True
 
     def _fill(self, shards: list) -> None:
