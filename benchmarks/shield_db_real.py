@@ -283,7 +283,8 @@ def breakdown(snap, disk, variants: dict, x16: np.ndarray, radius: float, ivf, r
     """Where a batch's time goes (median ms per batch of 8 over ``reps`` batches, one thread), next to the floors of
     each stage on this machine: the first pass's matrix product alone (no comparison), the same product as int8
     (``torch._int_mm``, 32 columns), a gather of as many random rows of the full features as the first pass keeps,
-    and IVF nprobe 10 on the same batches. "Later levels" is the whole screen's time less its first pass's (timed just
+    the queries' features by a few numpy calls, the candidates' check in float32 with no bound (not exact: what the
+    arithmetic alone costs), and IVF nprobe 10 on the same batches. "Later levels" is the whole screen's time less its first pass's (timed just
     before it on the same batch). "Candidates read" gathers them from the latents held in RAM; "from the shards" reads
 the same rows with one ``preadv`` each (the snapshot ``disk`` holds nothing), after the caches are flushed again."""
     rng, scratch = np.random.default_rng(17), np.ones(EVICT_BYTES // 8)
@@ -297,7 +298,9 @@ the same rows with one ``preadv`` each (the snapshot ``disk`` holds nothing), af
         t = {k: [] for k in ("query features", "first pass (folded product, compare, keep)", "later levels "
                              "(gathers and passes)", "candidates read", "exact check", "candidates read from the shards", "floor: first pass product "
                              "alone", "floor: same product in int8 (torch._int_mm)", "floor: gather of the first "
-                             "pass's survivors", "IVF nprobe 10", "first-pass survivors", "candidates")}
+                             "pass's survivors", "floor: query features in numpy (no torch calls)",
+                             "floor: exact check in float32 alone (no bound, no float64)", "IVF nprobe 10",
+                             "first-pass survivors", "candidates")}
         for _ in range(reps):
             q = make_queries(x16, rng)
             evict_caches(scratch)
@@ -344,6 +347,14 @@ the same rows with one ``preadv`` each (the snapshot ``disk`` holds nothing), af
             t0 = time.perf_counter()
             ivf.range_search(q, radius * radius)
             t["IVF nprobe 10"].append(time.perf_counter() - t0)
+            evict_caches(scratch)
+            t0 = time.perf_counter()
+            numpy_features(q, index.mu, index.a)
+            t["floor: query features in numpy (no torch calls)"].append(time.perf_counter() - t0)
+            evict_caches(scratch)
+            t0 = time.perf_counter()
+            unbounded_check(q, z, radius)
+            t["floor: exact check in float32 alone (no bound, no float64)"].append(time.perf_counter() - t0)
         rows[name] = {k: float(np.median(v)) * 1e3 for k, v in t.items()}
     stages = [k for k in next(iter(rows.values())) if k not in ("first-pass survivors", "candidates")]
     for k in stages:
@@ -353,6 +364,28 @@ the same rows with one ``preadv`` each (the snapshot ``disk`` holds nothing), af
     for k in ("first-pass survivors", "candidates"):
         lines.append(f"| {k} (median) | " + " | ".join(f"{rows[m][k]:.0f}" for m in variants) + " |")
     return lines
+
+
+def numpy_features(x: np.ndarray, mu: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """The queries' features computed with a handful of numpy calls (a floor for the per-call cost of
+    ``projection.features``, which runs the same float64 arithmetic through torch)."""
+    xc = x.astype(np.float64) - mu
+    proj = xc @ a
+    norm_sq = np.einsum("ij,ij->i", xc, xc)
+    residual = np.sqrt(np.maximum(norm_sq - np.einsum("ij,ij->i", proj, proj), 0.0))
+    return np.concatenate([proj, residual[:, None]], 1).astype(np.float32)
+
+
+def unbounded_check(q: np.ndarray, z: np.ndarray, radius: float) -> np.ndarray:
+    """The candidates' distances in float32 with no rounding bound and no float64 re-check (NOT exact: a floor
+    for what ``exact.within_any`` costs beyond the arithmetic it cannot avoid)."""
+    zc = torch.from_numpy(z.reshape(len(z), -1)).float()
+    qt = torch.from_numpy(q)
+    centre = qt.mean(0)
+    qc = qt - centre
+    zc.sub_(centre)
+    d2 = torch.addmm(zc.square().sum(1)[None, :] + qc.square().sum(1)[:, None], qc, zc.T, alpha=-2)
+    return (d2 <= radius * radius).any(0).numpy()
 
 
 def main():
