@@ -57,6 +57,7 @@ COPY_NOISE = 0.01
 CHUNK = 65536
 RESULTS = Path(__file__).resolve().parent / "results"
 EVICT_BYTES = 256 << 20
+ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 DISK = "  shield_db, latents read from the shards at each search (resident budget 0)"
 COARSE_DIM = PREFIX_WIDTHS[0]  # the first level's width: the previous release's coarse pass and the cells
 VARIANTS = [(0, 0, False)] + [(dy, dx, f) for f in (False, True) for dy, dx in
@@ -388,7 +389,17 @@ def unbounded_check(q: np.ndarray, z: np.ndarray, radius: float) -> np.ndarray:
     return (d2 <= radius * radius).any(0).numpy()
 
 
+def require_one_thread() -> None:
+    """Stop unless the BLAS and OpenMP pools were limited to one thread before numpy, torch and FAISS loaded:
+    their idle workers spin beside each other on 2 cores and make single stages 5-25x slower."""
+    unset = [name for name in ONE_THREAD_ENV if os.environ.get(name) != "1"]
+    if unset:
+        raise SystemExit(f"run as: {' '.join(f'{n}=1' for n in ONE_THREAD_ENV)} python -m benchmarks.shield_db_real "
+                         f"... ({', '.join(unset)} not 1: the timings would measure spinning thread pools)")
+
+
 def main():
+    require_one_thread()
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=60000)
     parser.add_argument("--reps", type=int, default=9)
