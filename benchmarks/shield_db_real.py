@@ -46,6 +46,7 @@ from shield_db.database import ShieldDatabase
 from shield_db.exact import within_any
 from shield_db.feature_index import PREFIX_WIDTHS, FeatureIndex
 from shield_db.projection import FEATURE_REL_ERROR, features, fit_basis, search_radius_sq
+from shield_db.resident import ResidentRows
 from shield_db.source import DatabaseShields
 from shield_db.transaction import DEFAULT_INDEX_DIM, INDEX_DIM_KEY
 
@@ -427,7 +428,7 @@ def main():
     source = DatabaseShields(db.snapshot(check_sha=False))
     snap = source.snapshot
     snap.wait_held()
-    held_mb = sum(s.latent_reader.array.nbytes for s in snap.shards if hasattr(s.latent_reader, "array")) / 1e6
+    held_mb = sum(s.latent_reader.array.nbytes for s in snap.shards if isinstance(s.latent_reader, ResidentRows)) / 1e6
     x16 = all_rows(snap)
     if args.cells:
         rng = np.random.default_rng(7)  # the same probe queries, hence the same radius, as the timed run

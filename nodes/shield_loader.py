@@ -19,6 +19,7 @@ import comfy.utils
 import folder_paths
 
 from ..shield_db.images import RESIZE_MODES
+from ..shield_db.resident import resident_budget
 from ..shield_db.paths import (ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, UnsafeCacheError, read_allow_list,
                                resolve_folder)
 from .shield_set import SHIELD_SET, ShieldSet
@@ -141,6 +142,10 @@ class ShieldSetLoader:
             return load_postgres(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size, rebuild, dsn,
                                  bar, allowed_roots())
         try:
+            budget = resident_budget()
+        except ValueError as err:  # a bad SHIELDED_SAMPLING_RESIDENT_MB: stop before encoding anything
+            raise ValueError(f"{NODE}: {err}") from None
+        try:
             result = sync_folder(path, vae_encoder(vae), shape, width, height, resize, fp, batch_size=batch_size,
                                  thumbnail_size=THUMBNAIL_SIZE, rebuild=rebuild,
                                  progress=lambda done, total: bar.update_absolute(done, total),
@@ -151,10 +156,7 @@ class ShieldSetLoader:
         snapshot = ShieldDatabase(result.database).snapshot()
         _LOADED.setdefault((str(path), width, height, resize), {})[result.database] = \
             ShieldDatabase(result.database).committed_state()
-        try:
-            source = DatabaseShields(snapshot)
-        except ValueError as err:  # a bad SHIELDED_SAMPLING_RESIDENT_MB
-            raise ValueError(f"{NODE}: {err}") from None
+        source = DatabaseShields(snapshot, resident_bytes=budget)
         name = f"{path.name} ({len(source)} images)"
         LOG.info("%s: %s: %s", NODE, path, result.summary())
         labels = [display_name(s) for s in snapshot.live_sources]

@@ -94,14 +94,14 @@ class Snapshot:
         """Hold shards' latents in RAM, whole shards in order while they fit in ``budget`` bytes
         (:mod:`shield_db.resident`); returns the bytes planned. With ``wait=False`` a background thread fills them
         (:meth:`wait_held`) and searches read the shards until each copy is complete."""
+        sizes = [shard.latent_reader.row_bytes * shard.rows for shard in self.shards]
         plan, planned = [], 0
-        for shard in self.shards:
-            size = shard.latent_reader.row_bytes * shard.rows
+        for shard, size in zip(self.shards, sizes):
             if planned + size > budget:
                 break
             plan.append(shard)
             planned += size
-        total = sum(s.latent_reader.row_bytes * s.rows for s in self.shards)
+        total = sum(sizes)
         if planned < total:
             LOG.info("shield_db: %s: %.0f of %.0f MB of latents held in RAM (budget %.0f MB); the rest are read at "
                      "each search", self.folder, planned / 2**20, total / 2**20, budget / 2**20)

@@ -17,6 +17,7 @@ import torch
 from shield_db.database import ShieldDatabase
 from shield_db.folder import sync_folder
 from shield_db.paths import ALLOWED_ROOTS_ENV, ALLOWED_ROOTS_FILE, FolderInput, read_allow_list, resolve_folder
+from shield_db.resident import resident_budget
 from shield_db.source import DatabaseShields
 from shield_db.vae import vae_encoder, vae_fingerprint
 
@@ -100,12 +101,13 @@ def latent_shape(vae, width: int, height: int) -> tuple:
 def load(path: Path, vae, width: int, height: int, batch_size: int = 8):
     """``(DatabaseShields in VAE-latent space, name, sync summary)`` for ``path`` encoded at ``width x height``."""
     shape = latent_shape(vae, width, height)
+    try:
+        budget = resident_budget()
+    except ValueError as err:  # a bad SHIELDED_SAMPLING_RESIDENT_MB: stop before encoding anything
+        raise SettingsError(f"{SCRIPT}: {err}") from None
     result = sync_folder(path, vae_encoder(vae), shape, width, height, RESIZE, vae_fingerprint(vae),
                          batch_size=batch_size, thumbnail_size=THUMBNAIL_SIZE)
-    try:
-        source = DatabaseShields(ShieldDatabase(result.database).snapshot())
-    except ValueError as err:  # a bad SHIELDED_SAMPLING_RESIDENT_MB
-        raise SettingsError(f"{SCRIPT}: {err}") from None
+    source = DatabaseShields(ShieldDatabase(result.database).snapshot(), resident_bytes=budget)
     if len(source) == 0:
         raise SettingsError(f"{SCRIPT}: 'Shield folder' {path} holds no usable image ({result.summary()}); add "
                             f"images (png/jpg/webp) or clear the field")
